@@ -1,0 +1,1 @@
+"""anomalib-faprompt."""

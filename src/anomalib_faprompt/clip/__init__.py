@@ -1,0 +1,15 @@
+"""Shared CLIP surgery used by every method: weight loading, DPAM vision path, prompted text."""
+
+from .loading import WeightsNotFoundError, build_clip, build_tokenizer, model_config
+from .text import PromptedTextEncoder, PromptTemplate
+from .vision import DPAMVisionEncoder
+
+__all__ = [
+    "DPAMVisionEncoder",
+    "PromptTemplate",
+    "PromptedTextEncoder",
+    "WeightsNotFoundError",
+    "build_clip",
+    "build_tokenizer",
+    "model_config",
+]

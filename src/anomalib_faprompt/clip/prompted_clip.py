@@ -1,0 +1,90 @@
+"""Base torch model for prompt-learning methods on a frozen DPAM CLIP.
+
+It owns the frozen encoders, the deep text prompts shared by both methods, the flag that says
+whether prompts were trained or loaded, and a cache for text features that do not depend on
+the image (recomputed after every parameter update, once in total at inference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .loading import build_clip
+from .text import PromptedTextEncoder
+from .vision import DPAMVisionEncoder
+
+
+class PromptedCLIP(nn.Module):
+    """Frozen CLIP with DPAM vision path, prompted text encoder and deep text prompts.
+
+    Args:
+        backbone: open_clip architecture name or path to an open_clip JSON config.
+        pretrained: open_clip tag, weights file, or ``None`` for random weights.
+        image_size: Square input size in pixels (a multiple of the patch size).
+        dpam_layers: Number of final vision blocks running the V-V path.
+        text_depth: Number of text blocks that see learnable tokens (deep prompts before blocks 2..depth).
+        text_n_ctx: Length of each deep prompt.
+        temperature: Softmax temperature for every similarity.
+    """
+
+    def __init__(
+        self,
+        backbone: str | Path,
+        pretrained: str | Path | None,
+        image_size: int,
+        dpam_layers: int,
+        text_depth: int,
+        text_n_ctx: int,
+        temperature: float = 0.07,
+    ) -> None:
+        super().__init__()
+        clip = build_clip(backbone, pretrained)
+        self.vision = DPAMVisionEncoder(clip.visual, dpam_layers)
+        self.text = PromptedTextEncoder(clip, backbone)
+        if image_size % self.vision.patch_size:
+            msg = f"image_size {image_size} is not a multiple of the backbone's patch size {self.vision.patch_size}."
+            raise ValueError(msg)
+        if not 1 <= text_depth <= self.text.depth:
+            msg = f"text_depth must be in 1..{self.text.depth} for this backbone, got {text_depth}."
+            raise ValueError(msg)
+        self.image_size = image_size
+        self.temperature = temperature
+        self.deep_prompts = nn.ParameterList(
+            nn.Parameter(torch.randn(text_n_ctx, self.text.width) * 0.02) for _ in range(text_depth - 1)
+        )
+        self.register_buffer("prompts_ready", torch.tensor(False))
+        self._text_cache: tuple[tuple, object] | None = None
+
+    def learnable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that training updates (prompts and any method-specific networks)."""
+        return (parameter for parameter in self.parameters() if parameter.requires_grad)
+
+    def cached(self, compute: Callable[[], object]) -> object:
+        """Return ``compute()``, reusing the last result while the learnable parameters are unchanged.
+
+        Under autograd in training mode the result is always recomputed, so gradients flow.
+        """
+        if self.training and torch.is_grad_enabled():
+            self._text_cache = None
+            return compute()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.learnable_parameters())
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, compute())
+        return self._text_cache[1]
+
+    def check_input(self, images: torch.Tensor) -> None:
+        """Refuse inputs the prompts were not meant for, with a message that says what to do."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            msg = f"Expected normalised images of shape (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        if images.shape[-1] % self.vision.patch_size or images.shape[-2] % self.vision.patch_size:
+            msg = (
+                f"Image size {tuple(images.shape[-2:])} is not a multiple of the patch size {self.vision.patch_size}; "
+                f"resize to image_size={self.image_size} (the model's pre-processor does this)."
+            )
+            raise ValueError(msg)

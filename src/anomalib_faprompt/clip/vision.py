@@ -1,0 +1,116 @@
+"""CLIP vision encoder with the dual-path DPAM forward (SPEC §1).
+
+The last ``dpam_layers`` blocks run two paths with the block's weights: the original Q-K
+path and a V-V attention path that skips the MLP. Patch features are read from the V-V path
+(``ln_post`` then ``proj``); the global feature is the original path's class token times
+``proj`` without ``ln_post``, as in the released code.
+
+Example:
+    >>> import torch
+    >>> from anomalib_faprompt.clip import DPAMVisionEncoder, build_clip
+    >>> encoder = DPAMVisionEncoder(build_clip("ViT-B-16", pretrained=None).visual, dpam_layers=10)
+    >>> image_features, patch_features = encoder(torch.randn(1, 3, 240, 240), feature_layers=(6, 12))
+    >>> image_features.shape, patch_features[0].shape
+    (torch.Size([1, 512]), torch.Size([1, 225, 512]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from .attention import merge_heads, residual_block, split_heads
+
+
+class DPAMVisionEncoder(nn.Module):
+    """Frozen CLIP ViT with DPAM's V-V attention in its last blocks.
+
+    Args:
+        visual: open_clip ``VisionTransformer`` (class token, no attentional pooling).
+        dpam_layers: Number of final blocks that run the V-V path.
+    """
+
+    def __init__(self, visual: nn.Module, dpam_layers: int) -> None:
+        super().__init__()
+        if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "class_embedding"):
+            msg = "DPAM needs a CLIP ViT with a class token and no attentional pooling."
+            raise ValueError(msg)
+        depth = len(visual.transformer.resblocks)
+        if not 0 < dpam_layers <= depth:
+            msg = f"dpam_layers must be in 1..{depth} for this backbone, got {dpam_layers}."
+            raise ValueError(msg)
+        self.visual = visual
+        self.dpam_layers = dpam_layers
+        self.depth = depth
+        self.patch_size = visual.conv1.kernel_size[0]
+        self.pretrained_grid = round((visual.positional_embedding.shape[0] - 1) ** 0.5)
+
+    @property
+    def first_dpam_block(self) -> int:
+        """0-indexed position of the first block that runs the V-V path."""
+        return self.depth - self.dpam_layers
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embedding for a patch grid, patch positions resized bilinearly if needed."""
+        embedding = self.visual.positional_embedding
+        if grid == (self.pretrained_grid, self.pretrained_grid):
+            return embedding
+        class_position, patch_positions = embedding[:1], embedding[1:]
+        width = embedding.shape[-1]
+        patch_positions = patch_positions.reshape(1, self.pretrained_grid, self.pretrained_grid, width)
+        patch_positions = F.interpolate(
+            patch_positions.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False
+        )
+        return torch.cat([class_position, patch_positions.permute(0, 2, 3, 1).reshape(-1, width)])
+
+    def _dpam_block(self, block: nn.Module, x: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = split_heads(block, block.ln_1(x))
+        # One fused call for both paths: queries (q; v) against keys (k; v), values v twice.
+        attended = F.scaled_dot_product_attention(torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]))
+        attended = merge_heads(block, attended)
+        qk_out, vv_out = attended.chunk(2)
+        x = x + block.ls_1(qk_out)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x, x_vv + block.ls_1(vv_out)
+
+    def forward(
+        self, images: torch.Tensor, feature_layers: Sequence[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode images.
+
+        Args:
+            images: Normalised images (B, 3, H, W), H and W multiples of the patch size.
+            feature_layers: 1-indexed blocks whose patch features to return.
+
+        Returns:
+            Global features (B, E) and, per feature layer, token features (B, 1 + N, E) with the
+            class token first. None of them is L2-normalised.
+        """
+        visual = self.visual
+        if any(not 1 <= layer <= self.depth for layer in feature_layers):
+            msg = f"feature_layers must lie in 1..{self.depth} for this backbone, got {list(feature_layers)}."
+            raise ValueError(msg)
+        x = visual.conv1(images)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([class_token, x], dim=1) + self.position_embedding(grid).to(x.dtype)
+        x = visual.ln_pre(x)
+
+        wanted = set(feature_layers)
+        collected: dict[int, torch.Tensor] = {}
+        x_vv = None
+        for index, block in enumerate(visual.transformer.resblocks):
+            if index < self.first_dpam_block:
+                x = residual_block(block, x)
+            else:
+                x_vv = x if x_vv is None else x_vv
+                x, x_vv = self._dpam_block(block, x, x_vv)
+            if index + 1 in wanted:
+                collected[index + 1] = x_vv if x_vv is not None else x
+        image_features = x[:, 0] @ visual.proj
+        patch_features = [visual.ln_post(collected[layer]) @ visual.proj for layer in feature_layers]
+        return image_features, patch_features

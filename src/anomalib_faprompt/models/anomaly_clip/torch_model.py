@@ -1,0 +1,124 @@
+"""PyTorch model of AnomalyCLIP: object-agnostic prompts on a DPAM CLIP (SPEC §3).
+
+Example:
+    >>> import torch
+    >>> from anomalib_faprompt.models.anomaly_clip.torch_model import AnomalyCLIPModel
+    >>> model = AnomalyCLIPModel(backbone="ViT-B-16", pretrained=None, image_size=224,
+    ...                          feature_layers=(6, 12), dpam_layers=10).eval()
+    >>> output = model(torch.randn(2, 3, 224, 224))
+    >>> output.pred_score.shape, output.anomaly_map.shape
+    (torch.Size([2]), torch.Size([2, 224, 224]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, upsample_maps
+
+
+@dataclass
+class AnomalyCLIPOutput:
+    """Intermediate outputs used by the loss and the parity tests.
+
+    Attributes:
+        text_features: Normalised (normal, abnormal) text features (2, E).
+        image_features: Normalised global image features (B, E).
+        image_logits: ``cos(image, text) / temperature`` (B, 2).
+        layer_maps: Per feature layer, upsampled two-channel probability maps (B, 2, H, W).
+    """
+
+    text_features: torch.Tensor
+    image_features: torch.Tensor
+    image_logits: torch.Tensor
+    layer_maps: list[torch.Tensor]
+
+    @property
+    def pred_score(self) -> torch.Tensor:
+        """Abnormal probability of the image (B,)."""
+        return self.image_logits.softmax(dim=-1)[:, 1]
+
+    @property
+    def anomaly_map(self) -> torch.Tensor:
+        """Abnormal channel summed over layers, before smoothing (B, H, W)."""
+        return torch.stack([maps[:, 1] for maps in self.layer_maps]).sum(dim=0)
+
+
+class AnomalyCLIPModel(PromptedCLIP):
+    """AnomalyCLIP: learnable normal/abnormal contexts around ``object`` plus deep text prompts.
+
+    Args:
+        backbone: open_clip architecture name or path to an open_clip JSON config.
+        pretrained: open_clip tag, weights file, or ``None`` for random weights.
+        image_size: Square input size.
+        feature_layers: 1-indexed vision blocks whose patch features make the maps.
+        dpam_layers: Number of final vision blocks running the V-V path.
+        n_ctx: Length of the learnable normal and abnormal contexts.
+        text_depth: Text blocks that see deep prompts (the first sees the template's own embeddings).
+        text_n_ctx: Length of each deep prompt.
+        sigma: Gaussian smoothing of the map in pixels (0 disables it).
+        temperature: Softmax temperature.
+    """
+
+    def __init__(
+        self,
+        backbone: str | Path = "ViT-L-14-336",
+        pretrained: str | Path | None = "openai",
+        image_size: int = 518,
+        feature_layers: Sequence[int] = (6, 12, 18, 24),
+        dpam_layers: int = 19,
+        n_ctx: int = 12,
+        text_depth: int = 9,
+        text_n_ctx: int = 4,
+        sigma: float = 4.0,
+        temperature: float = 0.07,
+    ) -> None:
+        super().__init__(backbone, pretrained, image_size, dpam_layers, text_depth, text_n_ctx, temperature)
+        self.feature_layers = tuple(feature_layers)
+        placeholders = "X " * n_ctx
+        self.normal_template = self.text.template(f"{placeholders}object.", n_ctx)
+        self.abnormal_template = self.text.template(f"{placeholders}damaged object.", n_ctx)
+        self.normal_context = nn.Parameter(torch.randn(n_ctx, self.text.width) * 0.02)
+        self.abnormal_context = nn.Parameter(torch.randn(n_ctx, self.text.width) * 0.02)
+        self.smoothing = GaussianSmoothing(sigma)
+
+    def encode_text(self) -> torch.Tensor:
+        """Normalised (normal, abnormal) text features (2, E)."""
+        deep_prompts = list(self.deep_prompts)
+        features = torch.cat([
+            self.text(self.normal_template.fill(self.normal_context[None]), self.normal_template.eot_positions, deep_prompts),
+            self.text(
+                self.abnormal_template.fill(self.abnormal_context[None]), self.abnormal_template.eot_positions, deep_prompts
+            ),
+        ])
+        return F.normalize(features, dim=-1)
+
+    def forward_features(self, images: torch.Tensor) -> AnomalyCLIPOutput:
+        """Run the model and return every intermediate the loss needs."""
+        self.check_input(images)
+        text_features = self.cached(self.encode_text)
+        with torch.no_grad():
+            image_features, patch_features = self.vision(images, self.feature_layers)
+        image_features = F.normalize(image_features, dim=-1)
+        image_logits = image_features @ text_features.t() / self.temperature
+        size = (images.shape[-2], images.shape[-1])
+        layer_maps = [
+            upsample_maps(patch_similarity(F.normalize(f[:, 1:], dim=-1), text_features, self.temperature), size)
+            for f in patch_features
+        ]
+        return AnomalyCLIPOutput(text_features, image_features, image_logits, layer_maps)
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch | AnomalyCLIPOutput:
+        """Score images: ``InferenceBatch(pred_score, anomaly_map)`` in eval mode, intermediates in training."""
+        output = self.forward_features(images)
+        if self.training:
+            return output
+        return InferenceBatch(pred_score=output.pred_score, anomaly_map=self.smoothing(output.anomaly_map))
