@@ -5,14 +5,12 @@ interpreter start-up. It uses the standard library only and imports nothing else
 program imports ``anomalib.models`` itself, so unrelated programs pay nothing.
 """
 
-import importlib.abc
 import sys
-import warnings
 
 _TARGET = "anomalib.models"
 
 
-class _RegisteringLoader(importlib.abc.Loader):
+class _RegisteringLoader:
     """Runs the real loader of ``anomalib.models``, then registers our models."""
 
     def __init__(self, loader):
@@ -29,10 +27,12 @@ class _RegisteringLoader(importlib.abc.Loader):
         try:
             import anomalib_faprompt  # noqa: F401  (registers on import)
         except Exception as error:  # never break anomalib itself
+            import warnings
+
             warnings.warn(f"anomalib-faprompt could not register its models: {error!r}", stacklevel=2)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     def find_spec(self, name, path, target=None):
         if name != _TARGET:
             return None

@@ -59,6 +59,9 @@ class PromptedCLIP(nn.Module):
         self.register_buffer("prompts_ready", torch.tensor(False))
         self._text_cache: tuple[tuple, object] | None = None
 
+    #: Per learnable parameter name (``deep_prompts`` for every deep prompt), what each dimension is set by.
+    prompt_dimensions: dict[str, tuple[str, ...]] = {"deep_prompts": ("text_n_ctx", "text width of the backbone")}
+
     def learnable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that training updates (prompts and any method-specific networks)."""
         return (parameter for parameter in self.parameters() if parameter.requires_grad)
@@ -76,6 +79,60 @@ class PromptedCLIP(nn.Module):
             with torch.no_grad():
                 self._text_cache = (key, compute())
         return self._text_cache[1]
+
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """Learned parameters only (prompts, prior network): the content of a prompt file."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_prompt_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load learned parameters, explaining which setting differs when shapes do not fit.
+
+        Raises:
+            ValueError: If the checkpoint was made with other settings or for another method.
+        """
+        own = dict((name, p) for name, p in self.named_parameters() if p.requires_grad)
+        own_depth = len(self.deep_prompts) + 1
+        their_depth = sum(name.startswith("deep_prompts.") for name in state_dict) + 1
+        if their_depth != own_depth:
+            msg = (
+                f"Prompt checkpoint {source} does not fit this model: text_depth is {their_depth} there and "
+                f"{own_depth} here. Construct the model with text_depth={their_depth}."
+            )
+            raise ValueError(msg)
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            msg = (
+                f"Prompt checkpoint {source} is not a {type(self).__name__} prompt checkpoint "
+                f"(missing {missing}, unexpected {unexpected}); was it made by another method?"
+            )
+            raise ValueError(msg)
+        for name, parameter in own.items():
+            theirs = state_dict[name]
+            if theirs.shape != parameter.shape:
+                names = self.prompt_dimensions.get(name.split(".")[0], ())
+                differing = [
+                    f"{label}: {a} in the checkpoint, {b} here"
+                    for label, a, b in zip(names, theirs.shape, parameter.shape, strict=False)
+                    if a != b
+                ] or [f"shape {tuple(theirs.shape)} in the checkpoint, {tuple(parameter.shape)} here"]
+                msg = (
+                    f"Prompt checkpoint {source} does not fit this model ({name}): " + "; ".join(differing) + ". "
+                    "Construct the model with the settings the prompts were trained with."
+                )
+                raise ValueError(msg)
+        with torch.no_grad():
+            for name, parameter in own.items():
+                parameter.copy_(state_dict[name])
+            self.prompts_ready.fill_(True)
+
+    def convert_released_state_dict(self, prompt_learner: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map the authors' ``prompt_learner`` keys to this model's parameter names."""
+        return {
+            f"deep_prompts.{key.rsplit('.', 1)[1]}": value
+            for key, value in prompt_learner.items()
+            if key.startswith("compound_prompts_text.")
+        }
 
     def check_input(self, images: torch.Tensor) -> None:
         """Refuse inputs the prompts were not meant for, with a message that says what to do."""

@@ -90,6 +90,22 @@ class AnomalyCLIPModel(PromptedCLIP):
         self.abnormal_context = nn.Parameter(torch.randn(n_ctx, self.text.width) * 0.02)
         self.smoothing = GaussianSmoothing(sigma)
 
+    prompt_dimensions = {
+        **PromptedCLIP.prompt_dimensions,
+        "normal_context": ("n_ctx", "text width of the backbone"),
+        "abnormal_context": ("n_ctx", "text width of the backbone"),
+    }
+
+    def convert_released_state_dict(self, prompt_learner: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map the released ``prompt_learner`` (``ctx_pos``, ``ctx_neg``, deep prompts) to this model."""
+        if "patch_meta_net.linear1.weight" in prompt_learner:
+            msg = "This is a FAPrompt prompt checkpoint; load it with FAPrompt(prompt_weights=...), not AnomalyCLIP."
+            raise ValueError(msg)
+        state_dict = super().convert_released_state_dict(prompt_learner)
+        state_dict["normal_context"] = prompt_learner["ctx_pos"].reshape(-1, prompt_learner["ctx_pos"].shape[-1])
+        state_dict["abnormal_context"] = prompt_learner["ctx_neg"].reshape(-1, prompt_learner["ctx_neg"].shape[-1])
+        return state_dict
+
     def encode_text(self) -> torch.Tensor:
         """Normalised (normal, abnormal) text features (2, E)."""
         deep_prompts = list(self.deep_prompts)

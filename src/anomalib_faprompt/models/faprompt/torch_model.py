@@ -140,6 +140,27 @@ class FAPromptModel(PromptedCLIP):
         self.prior = PriorNetwork(n_prior_patches * embed_dim, width)
         self.smoothing = GaussianSmoothing(sigma)
 
+    prompt_dimensions = {
+        **PromptedCLIP.prompt_dimensions,
+        "normal_context": ("n_ctx_normal", "text width of the backbone"),
+        "abnormal_context": ("n_abnormal_prompts", "n_ctx_abnormal", "text width of the backbone"),
+        "prior": ("prior width (n_prior_patches x embed dim / 16, or text width)", "n_prior_patches x embed dim"),
+    }
+
+    def convert_released_state_dict(self, prompt_learner: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map the released ``prompt_learner`` (contexts, ``patch_meta_net``, deep prompts) to this model."""
+        if "patch_meta_net.linear1.weight" not in prompt_learner:
+            msg = "This is an AnomalyCLIP prompt checkpoint (no prior network); load it with AnomalyCLIP."
+            raise ValueError(msg)
+        state_dict = super().convert_released_state_dict(prompt_learner)
+        width = prompt_learner["ctx_pos"].shape[-1]
+        state_dict["normal_context"] = prompt_learner["ctx_pos"].reshape(-1, width)
+        state_dict["abnormal_context"] = prompt_learner["ctx_neg"].reshape(-1, *prompt_learner["ctx_neg"].shape[-2:])
+        for released, own in (("linear1", "0"), ("linear2", "2")):
+            for kind in ("weight", "bias"):
+                state_dict[f"prior.{own}.{kind}"] = prompt_learner[f"patch_meta_net.{released}.{kind}"]
+        return state_dict
+
     def _abnormal_features(self, abnormal_context: torch.Tensor) -> torch.Tensor:
         """Encode abnormal prompts for contexts (..., K, n_ctx_abnormal, T); returns (..., K, E) un-normalised."""
         leading = abnormal_context.shape[:-2]

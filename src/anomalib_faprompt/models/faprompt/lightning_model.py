@@ -1,0 +1,130 @@
+"""FAPrompt: Fine-grained Abnormality Prompt Learning for Zero-shot Anomaly Detection (ICCV 2025).
+
+Compound abnormality prompts (CAP) learn K fine-grained abnormal prompts that share a normal
+context; data-dependent abnormality prompts (DAP) adapt them per image from its most abnormal
+patches through a small prior network. Prompts learn once on an auxiliary labelled dataset.
+
+Paper: https://arxiv.org/abs/2410.10289
+
+Example:
+    >>> from anomalib_faprompt import FAPrompt
+    >>> model = FAPrompt(backbone="ViT-B-16", pretrained=None, image_size=224, dpam_layers=10)
+    >>> model.model.abnormal_context.shape
+    torch.Size([10, 2, 512])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.visualization import Visualizer
+from torch import nn
+
+from anomalib_faprompt.models.prompt_module import PromptLearningMixin
+
+from .loss import FAPromptLoss
+from .torch_model import FAPromptModel
+
+__all__ = ["FAPrompt"]
+
+
+class FAPrompt(PromptLearningMixin, AnomalibModule):
+    """FAPrompt Lightning module.
+
+    Args:
+        backbone: open_clip architecture name or path to an open_clip JSON config.
+        pretrained: open_clip pretrained tag, path to a weights file (OpenAI JIT archive or state
+            dict), or ``None`` for random weights.
+        image_size: Square input size; the pre-processor resizes to it.
+        dpam_layers: Number of final vision blocks running DPAM's V-V path (patch features come
+            from the last block's V-V path).
+        n_ctx_normal: Length of the normal context shared by all prompts.
+        n_ctx_abnormal: Length of each compound abnormal context.
+        n_abnormal_prompts: Number K of compound abnormal prompts.
+        n_prior_patches: Number M of most abnormal patches fed to the prior network (DAP).
+        text_depth: Text blocks that see learnable tokens.
+        text_n_ctx: Length of each deep text prompt.
+        sigma: Gaussian smoothing of the anomaly map in pixels; 0 turns it off.
+        prompt_weights: Learned prompts to load (released ``{"prompt_learner": ...}`` checkpoints,
+            files from ``save_prompt_weights`` or Lightning checkpoints). With it the model is zero-shot.
+        learning_rate: Adam learning rate.
+        betas: Adam betas.
+        allow_untrained_prompts: Allow testing/predicting with untrained prompts (experiments only).
+        pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
+        post_processor: Post-processor, or ``True`` for anomalib's default.
+        evaluator: Evaluator, or ``True`` for image AUROC/F1, pixel AUROC and AUPRO.
+        visualizer: Visualizer, or ``True`` for anomalib's default.
+    """
+
+    method_name = "FAPrompt"
+
+    def __init__(
+        self,
+        backbone: str = "ViT-L-14-336",
+        pretrained: str | None = "openai",
+        image_size: int = 518,
+        dpam_layers: int = 19,
+        n_ctx_normal: int = 5,
+        n_ctx_abnormal: int = 2,
+        n_abnormal_prompts: int = 10,
+        n_prior_patches: int = 10,
+        text_depth: int = 9,
+        text_n_ctx: int = 4,
+        sigma: float = 10.0,
+        prompt_weights: str | Path | None = None,
+        learning_rate: float = 1e-3,
+        betas: Sequence[float] = (0.5, 0.999),
+        allow_untrained_prompts: bool = False,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = FAPromptModel(
+            backbone=backbone,
+            pretrained=pretrained,
+            image_size=image_size,
+            dpam_layers=dpam_layers,
+            n_ctx_normal=n_ctx_normal,
+            n_ctx_abnormal=n_ctx_abnormal,
+            n_abnormal_prompts=n_abnormal_prompts,
+            n_prior_patches=n_prior_patches,
+            text_depth=text_depth,
+            text_n_ctx=text_n_ctx,
+            sigma=sigma,
+        )
+        self.loss = FAPromptLoss()
+        self.learning_rate = learning_rate
+        self.betas = betas
+        self._init_prompts(prompt_weights, allow_untrained_prompts)
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:  # noqa: ANN401
+        """One prompt-learning step on labelled images with masks."""
+        del args, kwargs
+        masks, labels = self._training_targets(batch)
+        output = self.model.forward_features(batch.image)
+        losses = self.loss(
+            output.static_maps,
+            output.dap_maps,
+            output.image_logits,
+            output.score_logit,
+            output.static_text.abnormal_each,
+            output.prior,
+            masks,
+            labels,
+        )
+        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
+        return losses

@@ -1,0 +1,166 @@
+"""Behaviour shared by the Lightning modules of the prompt-learning methods.
+
+Both AnomalyCLIP and FAPrompt learn prompts on *anomalous* samples with masks (an auxiliary
+dataset, in the zero-shot protocol) and refuse to score images with prompts that were neither
+trained nor loaded. This mixin holds that logic, the release's pre-processing and optimiser,
+and the default evaluator; each method's module stays a direct ``AnomalibModule`` subclass.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
+from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.prompt_weights import load_prompt_weights, save_prompt_weights
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ZERO_SHOT_PROTOCOL = (
+    "Zero-shot prompt learning needs anomalous training samples with masks: prompts are learned once on an "
+    "auxiliary labelled dataset (e.g. the test split of all MVTec AD categories) and then applied unchanged to "
+    "other datasets. Train on such data (anomalib_faprompt.data.AuxiliaryDataModule, or a datamodule whose train "
+    "split holds anomalous images with masks), or load learned prompts with prompt_weights=... and run "
+    "`anomalib test` directly."
+)
+
+
+class UntrainedPromptsError(RuntimeError):
+    """The model was asked to score images with prompts that were neither trained nor loaded."""
+
+
+class PromptLearningMixin:
+    """Shared Lightning logic; the class using it sets ``self.model`` to a :class:`PromptedCLIP`."""
+
+    model: PromptedCLIP
+    method_name: str
+
+    def _init_prompts(self, prompt_weights: str | Path | None, allow_untrained_prompts: bool) -> None:
+        self.prompt_weights = prompt_weights
+        self.allow_untrained_prompts = allow_untrained_prompts
+        if prompt_weights is not None:
+            load_prompt_weights(self.model, prompt_weights, self.method_name)
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
+        """Resize (bicubic) to the model's input size and normalise with CLIP's mean and std.
+
+        Masks are resized alongside the images by anomalib's pre-processor.
+        """
+        image_size = image_size or 518
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        transform = Compose([
+            Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+        ])
+        return PreProcessor(transform=transform)
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's default post-processor (adaptive thresholds and min-max normalisation)."""
+        return PostProcessor()
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1, pixel AUROC and AUPRO on the test set."""
+        return Evaluator(
+            test_metrics=[
+                AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+                F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+                AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+                AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            ],
+        )
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``ZERO_SHOT`` with loaded prompts (the engine skips fitting), otherwise ``ONE_CLASS``.
+
+        anomalib has no learning type for training on labelled anomalies; ``ONE_CLASS`` is the one
+        for which the engine runs the fitting loop. The train split is checked to hold anomalies.
+        """
+        return LearningType.ZERO_SHOT if self.prompt_weights is not None else LearningType.ONE_CLASS
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation: prompts are untrained before the first step."""
+        return {"num_sanity_val_steps": 0}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam on the learnable parameters only, with the release's settings."""
+        return torch.optim.Adam(self.model.learnable_parameters(), lr=self.learning_rate, betas=tuple(self.betas))
+
+    # Guards ---------------------------------------------------------------------------------------------------
+
+    def _check_train_split(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "train_data", None)
+        samples = getattr(dataset, "samples", None)
+        if samples is not None and "label_index" in samples and not (samples["label_index"] == 1).any():
+            msg = f"{self.method_name}: the train split has no anomalous samples (a one-class split). " + ZERO_SHOT_PROTOCOL
+            raise ValueError(msg)
+
+    def _check_prompts_ready(self, stage: str) -> None:
+        if not bool(self.model.prompts_ready) and not self.allow_untrained_prompts:
+            msg = (
+                f"{self.method_name} cannot {stage}: its prompts were neither trained nor loaded, so its scores would "
+                f"be meaningless. Train it first, pass prompt_weights=/path/to/prompts (CLI: --model.prompt_weights), "
+                f"or set allow_untrained_prompts=True for experiments."
+            )
+            raise UntrainedPromptsError(msg)
+
+    def on_fit_start(self) -> None:
+        """Refuse one-class train splits before any work is done."""
+        self._check_train_split()
+
+    def on_validation_start(self) -> None:
+        """Validation outside of fitting needs usable prompts."""
+        if self.trainer.state.fn != "fit":
+            self._check_prompts_ready("validate")
+
+    def on_test_start(self) -> None:
+        """Testing needs usable prompts."""
+        self._check_prompts_ready("test")
+
+    def on_predict_start(self) -> None:
+        """Prediction needs usable prompts."""
+        self._check_prompts_ready("predict")
+
+    def _training_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.gt_mask is None:
+            msg = (
+                f"{self.method_name} learns from pixel masks, but the training batch has none. Use a dataset with "
+                "ground-truth masks for the anomalous samples. " + ZERO_SHOT_PROTOCOL
+            )
+            raise ValueError(msg)
+        masks = (batch.gt_mask.float() > 0.5).float()
+        masks = masks.squeeze(1) if masks.dim() == 4 else masks
+        return masks, batch.gt_label.long()
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        """After the first update the prompts count as trained."""
+        del args, kwargs
+        self.model.prompts_ready.fill_(True)
+
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:  # noqa: ANN401
+        """Score the validation batch (anomalib uses it for thresholds and normalisation)."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def save_prompt_weights(self, path: str | Path) -> Path:
+        """Write the learned prompts to a small file loadable with ``prompt_weights=``."""
+        settings = {k: v for k, v in self.hparams.items() if k not in {"prompt_weights", "allow_untrained_prompts"}}
+        return save_prompt_weights(self.model, path, self.method_name, settings)

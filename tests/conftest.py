@@ -1,0 +1,59 @@
+"""Shared fixtures: the authors' golden outputs and the small CLIP in ``../shared/golden``.
+
+Tests that need the fixtures fail (not skip) when ``REQUIRE_GOLDEN=1``, as in CI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("ANOMALIB_FAPROMPT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+GOLDEN = SHARED / "golden"
+
+
+def golden_path(name: str) -> Path:
+    """Path of a golden file; skips, or fails under REQUIRE_GOLDEN=1, when it is absent."""
+    path = GOLDEN / name
+    if not path.is_file():
+        message = f"golden fixture {path} is missing (set ANOMALIB_FAPROMPT_SHARED to the shared/ folder)"
+        if os.environ.get("REQUIRE_GOLDEN") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_clip() -> dict[str, Any]:
+    """Constructor settings of the small random CLIP the fixtures were made with."""
+    return {
+        "backbone": str(golden_path("clip_small.json")),
+        "pretrained": str(golden_path("clip_small_seed0.pt")),
+        "image_size": 224,
+        "dpam_layers": 6,
+    }
+
+
+@pytest.fixture(scope="session")
+def anomalyclip_golden() -> dict[str, Any]:
+    return torch.load(golden_path("anomalyclip_seed0.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def faprompt_golden() -> dict[str, Any]:
+    return torch.load(golden_path("faprompt_seed0.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def released_prompts(tmp_path_factory: pytest.TempPathFactory, anomalyclip_golden, faprompt_golden) -> dict[str, Path]:
+    """The fixtures' prompt checkpoints written as the released files (``{"prompt_learner": ...}``)."""
+    folder = tmp_path_factory.mktemp("released")
+    paths = {}
+    for method, golden in (("AnomalyCLIP", anomalyclip_golden), ("FAPrompt", faprompt_golden)):
+        paths[method] = folder / f"{method}_released.pth"
+        torch.save(golden["prompt_checkpoint"], paths[method])
+    return paths
