@@ -49,7 +49,7 @@ def save_prompt_weights(model: PromptedCLIP, path: str | Path, method: str, sett
 
 
 def _read(path: Path) -> dict[str, Any]:
-    from anomalib.utils.checkpoint import anomalib_safe_globals
+    from anomalib.utils.serialization import anomalib_safe_globals
 
     try:
         with anomalib_safe_globals():
