@@ -57,3 +57,36 @@ def released_prompts(tmp_path_factory: pytest.TempPathFactory, anomalyclip_golde
         paths[method] = folder / f"{method}_released.pth"
         torch.save(golden["prompt_checkpoint"], paths[method])
     return paths
+
+
+def write_tiny_mvtec(root: Path, category: str = "widget", size: int = 64, seed: int = 0) -> Path:
+    """Write a minimal category in MVTec AD layout: textured images, bright square defects with masks."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def texture() -> np.ndarray:
+        base = rng.normal(110, 12, (size, size, 1)) + np.linspace(0, 40, size)[None, :, None]
+        return np.clip(np.repeat(base, 3, axis=2), 0, 255)
+
+    folders = {name: root / category / name for name in ("train/good", "test/good", "test/spot", "ground_truth/spot")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for index in range(4):
+        Image.fromarray(texture().astype("uint8")).save(folders["train/good"] / f"{index:03d}.png")
+    for index in range(3):
+        Image.fromarray(texture().astype("uint8")).save(folders["test/good"] / f"{index:03d}.png")
+        image, mask = texture(), np.zeros((size, size), dtype="uint8")
+        top, left = rng.integers(4, size - 20, 2)
+        image[top : top + 14, left : left + 14] = 250
+        mask[top : top + 14, left : left + 14] = 255
+        Image.fromarray(image.astype("uint8")).save(folders["test/spot"] / f"{index:03d}.png")
+        Image.fromarray(mask).save(folders["ground_truth/spot"] / f"{index:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_mvtec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a tiny MVTec-AD-layout dataset with one category, ``widget``."""
+    return write_tiny_mvtec(tmp_path_factory.mktemp("mvtec"))

@@ -58,6 +58,8 @@ class PromptedCLIP(nn.Module):
         )
         self.register_buffer("prompts_ready", torch.tensor(False))
         self._text_cache: tuple[tuple, object] | None = None
+        # Uniform module modes; the frozen CLIP has no dropout, so train/eval only switches the text cache.
+        self.train()
 
     #: Per learnable parameter name (``deep_prompts`` for every deep prompt), what each dimension is set by.
     prompt_dimensions: dict[str, tuple[str, ...]] = {"deep_prompts": ("text_n_ctx", "text width of the backbone")}
