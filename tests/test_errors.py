@@ -42,7 +42,7 @@ def test_image_size_must_fit_the_patch_grid(small_clip):
 
 
 def test_prompts_of_the_other_method_are_refused(small_clip, released_prompts):
-    with pytest.raises(ValueError, match="FAPrompt prompt checkpoint.*FAPrompt\\(prompt_weights"):
+    with pytest.raises(ValueError, match=r"FAPrompt prompt checkpoint.*FAPrompt\(prompt_weights"):
         anomaly_clip(small_clip, prompt_weights=released_prompts["FAPrompt"])
     with pytest.raises(ValueError, match="AnomalyCLIP prompt checkpoint"):
         FAPrompt(**small_clip, prompt_weights=released_prompts["AnomalyCLIP"])
@@ -55,7 +55,9 @@ def test_prompts_of_another_configuration_name_the_setting(small_clip, released_
         anomaly_clip(small_clip, text_depth=5, prompt_weights=released_prompts["AnomalyCLIP"])
     with pytest.raises(ValueError, match="n_abnormal_prompts: 10 in the checkpoint, 4 here"):
         FAPrompt(**small_clip, n_abnormal_prompts=4, prompt_weights=released_prompts["FAPrompt"])
-    own_file = FAPrompt(**small_clip, prompt_weights=released_prompts["FAPrompt"]).save_prompt_weights(tmp_path / "p.pt")
+    own_file = FAPrompt(**small_clip, prompt_weights=released_prompts["FAPrompt"]).save_prompt_weights(
+        tmp_path / "p.pt"
+    )
     with pytest.raises(ValueError, match="holds FAPrompt prompts; load it with FAPrompt"):
         anomaly_clip(small_clip, prompt_weights=own_file)
 

@@ -51,7 +51,9 @@ def trained(request, tmp_path_factory, small_clip, tiny_mvtec):
     loader = auxiliary_loaders(tiny_mvtec)
     engine = Engine(max_epochs=1, default_root_dir=tmp_path_factory.mktemp(method), accelerator="cpu", devices=1)
     engine.fit(model, train_dataloaders=loader, val_dataloaders=loader)
-    checkpoint = Path(engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path)
+    checkpoint = Path(
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
     assert checkpoint.is_file()
     return method, model, checkpoint
 

@@ -52,7 +52,9 @@ def test_smoothed_map_matches_release(model_factory, anomalyclip_golden):
     model = model_factory(sigma=4.0).model.eval()
     with torch.no_grad():
         output = model(anomalyclip_golden["inputs"]["images"])
-    torch.testing.assert_close(output.anomaly_map, anomalyclip_golden["expected"]["anomaly_map_sigma4"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        output.anomaly_map, anomalyclip_golden["expected"]["anomaly_map_sigma4"], atol=ATOL, rtol=0
+    )
 
 
 def test_training_step_losses_and_gradients_match_release(model_factory, anomalyclip_golden):
@@ -66,8 +68,14 @@ def test_training_step_losses_and_gradients_match_release(model_factory, anomaly
         assert losses[name].item() == pytest.approx(expected[name].item(), abs=ATOL), name
     assert losses["loss"].item() == pytest.approx(expected["loss_total"].item(), abs=ATOL)
     losses["loss"].backward()
-    assert relative_error(model.normal_context.grad, expected["grad_ctx_pos"].reshape(model.normal_context.shape)) < GRAD_RTOL
-    assert relative_error(model.abnormal_context.grad, expected["grad_ctx_neg"].reshape(model.abnormal_context.shape)) < GRAD_RTOL
+    assert (
+        relative_error(model.normal_context.grad, expected["grad_ctx_pos"].reshape(model.normal_context.shape))
+        < GRAD_RTOL
+    )
+    assert (
+        relative_error(model.abnormal_context.grad, expected["grad_ctx_neg"].reshape(model.abnormal_context.shape))
+        < GRAD_RTOL
+    )
     assert relative_error(model.deep_prompts[0].grad, expected["grad_deep_0"]) < GRAD_RTOL
     # Only prompts learn: the frozen CLIP gets no gradient.
     assert all(p.grad is None for p in model.vision.parameters())

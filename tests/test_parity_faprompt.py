@@ -77,7 +77,13 @@ def test_training_step_losses_and_gradients_match_release(model_factory, fapromp
         assert losses[name].item() == pytest.approx(expected[name].item(), abs=ATOL), name
     assert losses["loss"].item() == pytest.approx(expected["loss_total"].item(), abs=ATOL)
     losses["loss"].backward()
-    assert relative_error(model.normal_context.grad, expected["grad_ctx_pos"].reshape(model.normal_context.shape)) < GRAD_RTOL
-    assert relative_error(model.abnormal_context.grad, expected["grad_ctx_neg"].reshape(model.abnormal_context.shape)) < GRAD_RTOL
+    assert (
+        relative_error(model.normal_context.grad, expected["grad_ctx_pos"].reshape(model.normal_context.shape))
+        < GRAD_RTOL
+    )
+    assert (
+        relative_error(model.abnormal_context.grad, expected["grad_ctx_neg"].reshape(model.abnormal_context.shape))
+        < GRAD_RTOL
+    )
     assert relative_error(model.deep_prompts[0].grad, expected["grad_deep_0"]) < GRAD_RTOL
     assert relative_error(model.prior[2].weight.grad, expected["grad_prior_linear2_weight"]) < GRAD_RTOL

@@ -41,8 +41,13 @@ def save_prompt_weights(model: PromptedCLIP, path: str | Path, method: str, sett
     path.parent.mkdir(parents=True, exist_ok=True)
     plain_settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     torch.save(
-        {"format": FORMAT, "version": 1, "method": method, "settings": plain_settings,
-         "state_dict": model.prompt_state_dict()},
+        {
+            "format": FORMAT,
+            "version": 1,
+            "method": method,
+            "settings": plain_settings,
+            "state_dict": model.prompt_state_dict(),
+        },
         path,
     )
     return path

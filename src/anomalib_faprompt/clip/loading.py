@@ -173,7 +173,7 @@ def build_clip(
     return model
 
 
-def build_tokenizer(backbone: str | Path, context_length: int) -> Any:  # noqa: ANN401
+def build_tokenizer(backbone: str | Path, context_length: int) -> Any:
     """Return open_clip's tokenizer for the backbone (CLIP's BPE tokenizer for JSON configs)."""
     import open_clip
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -62,7 +63,9 @@ class PromptedCLIP(nn.Module):
         self.train()
 
     #: Per learnable parameter name (``deep_prompts`` for every deep prompt), what each dimension is set by.
-    prompt_dimensions: dict[str, tuple[str, ...]] = {"deep_prompts": ("text_n_ctx", "text width of the backbone")}
+    prompt_dimensions: ClassVar[dict[str, tuple[str, ...]]] = {
+        "deep_prompts": ("text_n_ctx", "text width of the backbone"),
+    }
 
     def learnable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that training updates (prompts and any method-specific networks)."""

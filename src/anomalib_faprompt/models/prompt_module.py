@@ -61,15 +61,17 @@ class PromptLearningMixin:
         """
         image_size = image_size or 518
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        transform = Compose([
-            Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-        ])
+        transform = Compose(
+            [
+                Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+            ]
+        )
         return PreProcessor(transform=transform)
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """anomalib's default post-processor (adaptive thresholds and min-max normalisation)."""
+        """Anomalib's default post-processor (adaptive thresholds and min-max normalisation)."""
         return PostProcessor()
 
     @staticmethod
@@ -109,7 +111,10 @@ class PromptLearningMixin:
         dataset = getattr(datamodule, "train_data", None)
         samples = getattr(dataset, "samples", None)
         if samples is not None and "label_index" in samples and not (samples["label_index"] == 1).any():
-            msg = f"{self.method_name}: the train split has no anomalous samples (a one-class split). " + ZERO_SHOT_PROTOCOL
+            msg = (
+                f"{self.method_name}: the train split has no anomalous samples (a one-class split). "
+                + ZERO_SHOT_PROTOCOL
+            )
             raise ValueError(msg)
 
     def _check_prompts_ready(self, stage: str) -> None:
@@ -149,12 +154,12 @@ class PromptLearningMixin:
         masks = masks.squeeze(1) if masks.dim() == 4 else masks
         return masks, batch.gt_label.long()
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """After the first update the prompts count as trained."""
         del args, kwargs
         self.model.prompts_ready.fill_(True)
 
-    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:  # noqa: ANN401
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """Score the validation batch (anomalib uses it for thresholds and normalisation)."""
         del args, kwargs
         predictions = self.model(batch.image)

@@ -106,7 +106,7 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         self.betas = betas
         self._init_prompts(prompt_weights, allow_untrained_prompts)
 
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:  # noqa: ANN401
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """One prompt-learning step on labelled images with masks."""
         del args, kwargs
         masks, labels = self._training_targets(batch)

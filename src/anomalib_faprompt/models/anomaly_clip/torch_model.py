@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 from torch import nn
 
@@ -90,7 +91,7 @@ class AnomalyCLIPModel(PromptedCLIP):
         self.abnormal_context = nn.Parameter(torch.randn(n_ctx, self.text.width) * 0.02)
         self.smoothing = GaussianSmoothing(sigma)
 
-    prompt_dimensions = {
+    prompt_dimensions: ClassVar[dict[str, tuple[str, ...]]] = {
         **PromptedCLIP.prompt_dimensions,
         "normal_context": ("n_ctx", "text width of the backbone"),
         "abnormal_context": ("n_ctx", "text width of the backbone"),
@@ -109,12 +110,20 @@ class AnomalyCLIPModel(PromptedCLIP):
     def encode_text(self) -> torch.Tensor:
         """Normalised (normal, abnormal) text features (2, E)."""
         deep_prompts = list(self.deep_prompts)
-        features = torch.cat([
-            self.text(self.normal_template.fill(self.normal_context[None]), self.normal_template.eot_positions, deep_prompts),
-            self.text(
-                self.abnormal_template.fill(self.abnormal_context[None]), self.abnormal_template.eot_positions, deep_prompts
-            ),
-        ])
+        features = torch.cat(
+            [
+                self.text(
+                    self.normal_template.fill(self.normal_context[None]),
+                    self.normal_template.eot_positions,
+                    deep_prompts,
+                ),
+                self.text(
+                    self.abnormal_template.fill(self.abnormal_context[None]),
+                    self.abnormal_template.eot_positions,
+                    deep_prompts,
+                ),
+            ]
+        )
         return F.normalize(features, dim=-1)
 
     def forward_features(self, images: torch.Tensor) -> AnomalyCLIPOutput:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 from torch import nn
 
@@ -123,7 +124,10 @@ class FAPromptModel(PromptedCLIP):
         super().__init__(backbone, pretrained, image_size, dpam_layers, text_depth, text_n_ctx, temperature)
         grid = image_size // self.vision.patch_size
         if not 1 <= n_prior_patches <= grid * grid:
-            msg = f"n_prior_patches must be in 1..{grid * grid} (patches at image_size={image_size}), got {n_prior_patches}."
+            msg = (
+                f"n_prior_patches must be in 1..{grid * grid} (the patches at image_size={image_size}), "
+                f"got {n_prior_patches}."
+            )
             raise ValueError(msg)
         self.n_prior_patches = n_prior_patches
         self.feature_layers = (self.vision.depth,)
@@ -140,7 +144,7 @@ class FAPromptModel(PromptedCLIP):
         self.prior = PriorNetwork(n_prior_patches * embed_dim, width)
         self.smoothing = GaussianSmoothing(sigma)
 
-    prompt_dimensions = {
+    prompt_dimensions: ClassVar[dict[str, tuple[str, ...]]] = {
         **PromptedCLIP.prompt_dimensions,
         "normal_context": ("n_ctx_normal", "text width of the backbone"),
         "abnormal_context": ("n_abnormal_prompts", "n_ctx_abnormal", "text width of the backbone"),
