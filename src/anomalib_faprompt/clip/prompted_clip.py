@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .loading import build_clip
-from .text import PromptedTextEncoder
+from .text import PromptedTextEncoder, PromptTemplate
 from .vision import DPAMVisionEncoder
 
 
@@ -84,6 +84,22 @@ class PromptedCLIP(nn.Module):
             with torch.no_grad():
                 self._text_cache = (key, compute())
         return self._text_cache[1]
+
+    def encode_prompts(self, *groups: tuple[PromptTemplate, torch.Tensor]) -> list[torch.Tensor]:
+        """Encode groups of (template, contexts) in one text-encoder call, with the deep prompts.
+
+        Returns:
+            Per group, un-normalised features of shape (*contexts.shape[:-2], E).
+        """
+        filled = [template.fill(context) for template, context in groups]
+        embeddings = torch.cat([embedding for embedding, _ in filled])
+        eot_positions = torch.cat([positions for _, positions in filled])
+        features = self.text(embeddings, eot_positions, list(self.deep_prompts))
+        sizes = [len(positions) for _, positions in filled]
+        return [
+            chunk.view(*context.shape[:-2], -1)
+            for chunk, (_, context) in zip(features.split(sizes), groups, strict=True)
+        ]
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """Learned parameters only (prompts, prior network): the content of a prompt file."""

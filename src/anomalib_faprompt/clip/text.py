@@ -11,7 +11,7 @@ Example:
     >>> encoder = PromptedTextEncoder(build_clip("ViT-B-16", pretrained=None), "ViT-B-16")
     >>> template = encoder.template("X X X X damaged object.", n_ctx=4)
     >>> context = torch.zeros(4, encoder.width)
-    >>> encoder(template.fill(context), template.eot_positions).shape
+    >>> encoder(*template.fill(context)).shape
     torch.Size([1, 512])
 """
 
@@ -46,18 +46,19 @@ class PromptTemplate(nn.Module):
         self.register_buffer("suffix", suffix, persistent=False)
         self.register_buffer("eot_positions", eot_positions, persistent=False)
 
-    def fill(self, context: torch.Tensor) -> torch.Tensor:
+    def fill(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Insert contexts (..., n_ctx, T) into the templates (P templates broadcast against the last leading dim).
 
         Returns:
-            Prompt embeddings, flattened to (prod(leading), L, T).
+            Prompt embeddings flattened to (prod(leading), L, T) and their EOT positions (prod(leading),).
         """
         context = context[None] if context.dim() == 2 else context
         leading = context.shape[:-2]
         prefix = torch.broadcast_to(self.prefix, (*leading, *self.prefix.shape[-2:]))
         suffix = torch.broadcast_to(self.suffix, (*leading, *self.suffix.shape[-2:]))
         embeddings = torch.cat([prefix, context, suffix], dim=-2)
-        return embeddings.reshape(-1, *embeddings.shape[-2:])
+        eot_positions = torch.broadcast_to(self.eot_positions, leading).reshape(-1)
+        return embeddings.reshape(-1, *embeddings.shape[-2:]), eot_positions
 
 
 class PromptedTextEncoder(nn.Module):
@@ -98,10 +99,9 @@ class PromptedTextEncoder(nn.Module):
 
         Args:
             embeddings: Token embeddings of the prompts (without positions).
-            eot_positions: EOT index of each prompt; (N,) or broadcastable to it.
+            eot_positions: EOT index of each prompt (N,).
             deep_prompts: Matrices (n, T) that replace positions ``1..n`` before blocks 2, 3, ...
         """
-        eot_positions = eot_positions.expand(embeddings.shape[0]) if eot_positions.numel() == 1 else eot_positions
         # Python int: the cut length must be static for tracing/export, and every prompt's EOT fits.
         length = int(eot_positions.max()) + 1
         x = embeddings[:, :length] + self.positional_embedding[:length].to(embeddings.dtype)

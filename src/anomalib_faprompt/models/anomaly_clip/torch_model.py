@@ -108,23 +108,11 @@ class AnomalyCLIPModel(PromptedCLIP):
         return state_dict
 
     def encode_text(self) -> torch.Tensor:
-        """Normalised (normal, abnormal) text features (2, E)."""
-        deep_prompts = list(self.deep_prompts)
-        features = torch.cat(
-            [
-                self.text(
-                    self.normal_template.fill(self.normal_context[None]),
-                    self.normal_template.eot_positions,
-                    deep_prompts,
-                ),
-                self.text(
-                    self.abnormal_template.fill(self.abnormal_context[None]),
-                    self.abnormal_template.eot_positions,
-                    deep_prompts,
-                ),
-            ]
+        """Normalised (normal, abnormal) text features (2, E), both prompts in one encoder call."""
+        normal, abnormal = self.encode_prompts(
+            (self.normal_template, self.normal_context), (self.abnormal_template, self.abnormal_context)
         )
-        return F.normalize(features, dim=-1)
+        return F.normalize(torch.stack([normal, abnormal]), dim=-1)
 
     def forward_features(self, images: torch.Tensor) -> AnomalyCLIPOutput:
         """Run the model and return every intermediate the loss needs."""

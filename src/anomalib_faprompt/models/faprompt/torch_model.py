@@ -165,24 +165,18 @@ class FAPromptModel(PromptedCLIP):
                 state_dict[f"prior.{own}.{kind}"] = prompt_learner[f"patch_meta_net.{released}.{kind}"]
         return state_dict
 
-    def _abnormal_features(self, abnormal_context: torch.Tensor) -> torch.Tensor:
-        """Encode abnormal prompts for contexts (..., K, n_ctx_abnormal, T); returns (..., K, E) un-normalised."""
-        leading = abnormal_context.shape[:-2]
-        normal_context = self.normal_context.expand(*leading, *self.normal_context.shape)
-        context = torch.cat([normal_context, abnormal_context], dim=-2)
-        features = self.text(
-            self.abnormal_template.fill(context), self.abnormal_template.eot_positions, list(self.deep_prompts)
-        )
-        return features.view(*leading, -1)
+    def _abnormal_contexts(self, abnormal_context: torch.Tensor) -> torch.Tensor:
+        """Full contexts [N, Aᵏ] of the abnormal prompts for abnormal contexts (..., K, n_ctx_abnormal, T)."""
+        normal_context = self.normal_context.expand(*abnormal_context.shape[:-2], *self.normal_context.shape)
+        return torch.cat([normal_context, abnormal_context], dim=-2)
 
     def encode_static_text(self) -> StaticText:
-        """Normal and compound abnormal text features (CAP)."""
-        normal = self.text(
-            self.normal_template.fill(self.normal_context[None]),
-            self.normal_template.eot_positions,
-            list(self.deep_prompts),
+        """Normal and compound abnormal text features (CAP), in one encoder call."""
+        normal, abnormal_each = self.encode_prompts(
+            (self.normal_template, self.normal_context),
+            (self.abnormal_template, self._abnormal_contexts(self.abnormal_context)),
         )
-        abnormal_each = self._abnormal_features(self.abnormal_context)
+        normal = normal[None]
         pair = F.normalize(torch.cat([normal, abnormal_each.mean(dim=0, keepdim=True)]), dim=-1)
         return StaticText(normal, abnormal_each, pair)
 
@@ -202,7 +196,8 @@ class FAPromptModel(PromptedCLIP):
 
         # DAP: Ω shifts every abnormal context vector; B × K prompts in one encoder call.
         dap_context = self.abnormal_context[None] + prior[:, None, None, :]
-        dap_abnormal = self._abnormal_features(dap_context).mean(dim=1)
+        (dap_abnormal,) = self.encode_prompts((self.abnormal_template, self._abnormal_contexts(dap_context)))
+        dap_abnormal = dap_abnormal.mean(dim=1)
         normal = static_text.normal.expand(dap_abnormal.shape[0], -1)
         dap_text = F.normalize(torch.stack([normal, dap_abnormal], dim=1), dim=-1)
         dap_probabilities = patch_similarity(patch_features, dap_text, self.temperature)
