@@ -11,7 +11,7 @@ Example:
     >>> encoder = DPAMVisionEncoder(build_clip("ViT-B-16", pretrained=None).visual, dpam_layers=10)
     >>> image_features, patch_features = encoder(torch.randn(1, 3, 240, 240), feature_layers=(6, 12))
     >>> image_features.shape, patch_features[0].shape
-    (torch.Size([1, 512]), torch.Size([1, 225, 512]))
+    (torch.Size([1, 512]), torch.Size([1, 226, 512]))
 """
 
 from __future__ import annotations
