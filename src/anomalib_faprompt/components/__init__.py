@@ -4,4 +4,12 @@ from .losses import BinaryDiceLoss, BinaryFocalLoss, FocalLoss, segmentation_los
 from .similarity import patch_similarity, upsample_maps
 from .smoothing import GaussianSmoothing
 
-__all__ = ["BinaryDiceLoss", "BinaryFocalLoss", "FocalLoss", "GaussianSmoothing", "patch_similarity", "segmentation_loss", "upsample_maps"]
+__all__ = [
+    "BinaryDiceLoss",
+    "BinaryFocalLoss",
+    "FocalLoss",
+    "GaussianSmoothing",
+    "patch_similarity",
+    "segmentation_loss",
+    "upsample_maps",
+]

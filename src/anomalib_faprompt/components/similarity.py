@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 
 def patch_similarity(patch_features: torch.Tensor, text_features: torch.Tensor, temperature: float) -> torch.Tensor:
