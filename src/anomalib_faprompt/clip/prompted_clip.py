@@ -18,6 +18,21 @@ from .loading import build_clip
 from .text import PromptedTextEncoder, PromptTemplate
 from .vision import DPAMVisionEncoder
 
+FROZEN_MODULES = ("vision", "text")
+
+
+def _drop_frozen_weights(module: PromptedCLIP, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    del module, local_metadata
+    for key in [key for key in state_dict if key.startswith(tuple(f"{prefix}{name}." for name in FROZEN_MODULES))]:
+        del state_dict[key]
+
+
+def _restore_frozen_weights(module: PromptedCLIP, state_dict: dict, prefix: str, *args: object) -> None:
+    del args
+    for name in FROZEN_MODULES:
+        for key, value in getattr(module, name).state_dict(prefix=f"{prefix}{name}.", keep_vars=True).items():
+            state_dict.setdefault(key, value.detach())
+
 
 class PromptedCLIP(nn.Module):
     """Frozen CLIP with DPAM vision path, prompted text encoder and deep text prompts.
@@ -59,6 +74,10 @@ class PromptedCLIP(nn.Module):
         )
         self.register_buffer("prompts_ready", torch.tensor(False))
         self._text_cache: tuple[tuple, object] | None = None
+        # Checkpoints hold what was learned; the frozen CLIP is rebuilt from backbone/pretrained
+        # (a ViT-L/14 would otherwise add 1.7 GB to every checkpoint).
+        self.register_state_dict_post_hook(_drop_frozen_weights)
+        self.register_load_state_dict_pre_hook(_restore_frozen_weights)
         # Uniform module modes; the frozen CLIP has no dropout, so train/eval only switches the text cache.
         self.train()
 
