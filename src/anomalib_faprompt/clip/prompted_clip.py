@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .loading import build_clip
@@ -105,7 +106,7 @@ class PromptedCLIP(nn.Module):
         return self._text_cache[1]
 
     def encode_prompts(self, *groups: tuple[PromptTemplate, torch.Tensor]) -> list[torch.Tensor]:
-        """Encode groups of (template, contexts) in one text-encoder call, with the deep prompts.
+        """Encode groups of (template, contexts) in one fp32 text-encoder call, with the deep prompts.
 
         Returns:
             Per group, un-normalised features of shape (*contexts.shape[:-2], E).
@@ -113,12 +114,29 @@ class PromptedCLIP(nn.Module):
         filled = [template.fill(context) for template, context in groups]
         embeddings = torch.cat([embedding for embedding, _ in filled])
         eot_positions = torch.cat([positions for _, positions in filled])
-        features = self.text(embeddings, eot_positions, list(self.deep_prompts))
+        # fp32 under autocast too: text is a few percent of the FLOPs and FAPrompt's scores are sensitive to it.
+        with torch.autocast(embeddings.device.type, enabled=False):
+            features = self.text(embeddings.float(), eot_positions, [p.float() for p in self.deep_prompts])
         sizes = [len(positions) for _, positions in filled]
         return [
             chunk.view(*context.shape[:-2], -1)
             for chunk, (_, context) in zip(features.split(sizes), groups, strict=True)
         ]
+
+    def encode_image(
+        self, images: torch.Tensor, feature_layers: tuple[int, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Frozen DPAM vision forward without gradients; features returned in fp32, L2-normalised.
+
+        Returns:
+            Global features (B, E) and, per feature layer, patch features (B, N, E) without the class token.
+        """
+        with torch.no_grad():
+            image_features, patch_features = self.vision(images, feature_layers)
+        return (
+            F.normalize(image_features.float(), dim=-1),
+            [F.normalize(features[:, 1:].float(), dim=-1) for features in patch_features],
+        )
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """Learned parameters only (prompts, prior network): the content of a prompt file."""

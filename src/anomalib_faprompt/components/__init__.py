@@ -1,7 +1,7 @@
 """Building blocks shared by the methods: smoothing, similarity maps, losses."""
 
 from .losses import BinaryDiceLoss, BinaryFocalLoss, FocalLoss, segmentation_loss
-from .similarity import patch_similarity, upsample_maps
+from .similarity import patch_similarity, similarity_logits, upsample_maps
 from .smoothing import GaussianSmoothing
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "GaussianSmoothing",
     "patch_similarity",
     "segmentation_loss",
+    "similarity_logits",
     "upsample_maps",
 ]

@@ -48,8 +48,9 @@ class GaussianSmoothing(nn.Module):
         """Smooth maps of shape (B, H, W)."""
         if self.radius == 0:
             return maps
-        kernel = self.kernel.to(maps.dtype)
-        x = maps.unsqueeze(1)
-        x = F.conv2d(_symmetric_pad(x, self.radius, dim=3), kernel.view(1, 1, 1, -1))
-        x = F.conv2d(_symmetric_pad(x, self.radius, dim=2), kernel.view(1, 1, -1, 1))
-        return x.squeeze(1)
+        with torch.autocast(maps.device.type, enabled=False):
+            kernel = self.kernel.float()
+            x = maps.float().unsqueeze(1)
+            x = F.conv2d(_symmetric_pad(x, self.radius, dim=3), kernel.view(1, 1, 1, -1))
+            x = F.conv2d(_symmetric_pad(x, self.radius, dim=2), kernel.view(1, 1, -1, 1))
+            return x.squeeze(1)

@@ -23,7 +23,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
-from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, upsample_maps
+from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, similarity_logits, upsample_maps
 
 
 @dataclass
@@ -118,14 +118,12 @@ class AnomalyCLIPModel(PromptedCLIP):
         """Run the model and return every intermediate the loss needs."""
         self.check_input(images)
         text_features = self.cached(self.encode_text)
-        with torch.no_grad():
-            image_features, patch_features = self.vision(images, self.feature_layers)
-        image_features = F.normalize(image_features, dim=-1)
-        image_logits = image_features @ text_features.t() / self.temperature
+        image_features, patch_features = self.encode_image(images, self.feature_layers)
+        image_logits = similarity_logits(image_features, text_features, self.temperature)
         size = (images.shape[-2], images.shape[-1])
         layer_maps = [
-            upsample_maps(patch_similarity(F.normalize(f[:, 1:], dim=-1), text_features, self.temperature), size)
-            for f in patch_features
+            upsample_maps(patch_similarity(features, text_features, self.temperature), size)
+            for features in patch_features
         ]
         return AnomalyCLIPOutput(text_features, image_features, image_logits, layer_maps)
 

@@ -27,7 +27,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
-from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, upsample_maps
+from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, similarity_logits, upsample_maps
 
 
 @dataclass
@@ -184,15 +184,13 @@ class FAPromptModel(PromptedCLIP):
         """Run the model and return every intermediate the loss needs."""
         self.check_input(images)
         static_text: StaticText = self.cached(self.encode_static_text)
-        with torch.no_grad():
-            image_features, (patch_features,) = self.vision(images, self.feature_layers)
-        image_features = F.normalize(image_features, dim=-1)
-        patch_features = F.normalize(patch_features[:, 1:], dim=-1)
+        image_features, (patch_features,) = self.encode_image(images, self.feature_layers)
 
         static_probabilities = patch_similarity(patch_features, static_text.pair, self.temperature)
         top = static_probabilities[..., 1].topk(self.n_prior_patches, dim=1).indices
         selected = torch.gather(patch_features, 1, top[..., None].expand(-1, -1, patch_features.shape[-1]))
-        prior = self.prior(selected.flatten(1))
+        with torch.autocast(images.device.type, enabled=False):
+            prior = self.prior(selected.flatten(1))
 
         # DAP: Ω shifts every abnormal context vector; B × K prompts in one encoder call.
         dap_context = self.abnormal_context[None] + prior[:, None, None, :]
@@ -202,7 +200,7 @@ class FAPromptModel(PromptedCLIP):
         dap_text = F.normalize(torch.stack([normal, dap_abnormal], dim=1), dim=-1)
         dap_probabilities = patch_similarity(patch_features, dap_text, self.temperature)
 
-        image_logits = (image_features[:, None] @ dap_text.transpose(1, 2)).squeeze(1) / self.temperature
+        image_logits = similarity_logits(image_features, dap_text, self.temperature)
         patch_maximum = (2 * static_probabilities[..., 1].amax(dim=1) + dap_probabilities[..., 1].amax(dim=1)) / 3
         score = (image_logits.softmax(dim=-1)[:, 1] + patch_maximum) / 2
 
