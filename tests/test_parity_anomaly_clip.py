@@ -62,8 +62,7 @@ def test_training_step_losses_and_gradients_match_release(model_factory, anomaly
     inputs = anomalyclip_golden["inputs"]
     lightning_model = model_factory()
     model = lightning_model.model.train()
-    output = model.forward_features(inputs["images"])
-    losses = lightning_model.loss(output.layer_maps, output.image_logits, inputs["masks"], inputs["labels"])
+    losses = lightning_model.training_losses(inputs["images"], inputs["masks"], inputs["labels"])
     for name in ("loss_local", "loss_image"):
         assert losses[name].item() == pytest.approx(expected[name].item(), abs=ATOL), name
     assert losses["loss"].item() == pytest.approx(expected["loss_total"].item(), abs=ATOL)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -111,12 +112,12 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
         self.betas = betas
         self._init_prompts(prompt_weights, allow_untrained_prompts)
 
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """One prompt-learning step on labelled images with masks."""
-        del args, kwargs
-        masks, labels = self._training_targets(batch)
-        output = self.model.forward_features(batch.image)
-        losses = self.loss(
+    def training_losses(
+        self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms of one prompt-learning step (``loss`` is the total)."""
+        output = self.model.forward_features(images)
+        return self.loss(
             output.static_maps,
             output.dap_maps,
             output.image_logits,
@@ -126,5 +127,11 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
             masks,
             labels,
         )
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One prompt-learning step on labelled images with masks."""
+        del args, kwargs
+        masks, labels = self._training_targets(batch)
+        losses = self.training_losses(batch.image, masks, labels)
         self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
         return losses
