@@ -1,0 +1,35 @@
+"""The benchmark runs on the small configuration and reports every figure (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+
+
+@pytest.mark.slow
+def test_benchmark_reports_latency_training_memory_and_efficiency():
+    command = [sys.executable, str(SCRIPT), "--config", "small", "--batch-sizes", "1", "2",
+               "--train-batch-size", "2", "--repeats", "1", "--warmup", "0"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["machine"]["matmul_gflops"] > 0
+    assert {entry["method"] for entry in report["results"]} == {"AnomalyCLIP", "FAPrompt"}
+    for entry in report["results"]:
+        assert entry["gflops_per_image"] > entry["vision_gflops_per_image"] > 0
+        for batch in ("batch_1", "batch_2"):
+            figures = entry["inference"][batch]
+            assert figures["seconds_per_image"] > 0
+            assert figures["images_per_second"] > 0
+            assert figures["efficiency_vs_matmul"] > 0
+            assert figures["peak_memory_mb"] > 0
+        training = entry["training_step"]
+        assert training["seconds"] > 0 and training["vision_forward_seconds"] > 0
+        ratio = training["seconds"] / training["vision_forward_seconds"]
+        assert training["step_over_vision_forward"] == pytest.approx(ratio)
