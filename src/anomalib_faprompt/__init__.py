@@ -11,10 +11,14 @@ Example:
     'FAPrompt'
 """
 
+import sys
+
 from .models import AnomalyCLIP, FAPrompt
-from .registration import register
+from .registration import register, register_pipelines
 
 register()
+if "anomalib.cli.pipelines" in sys.modules:
+    register_pipelines()
 
 __all__ = ["AnomalyCLIP", "FAPrompt", "register"]
 __version__ = "0.1.0"

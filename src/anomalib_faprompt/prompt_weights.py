@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,17 @@ import torch
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 
 FORMAT = "anomalib_faprompt.prompts"
+
+
+def _plain(value: Any) -> Any:
+    """Settings as plain Python (OmegaConf containers, tuples and paths do not load with weights_only)."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence):
+        return [_plain(item) for item in value]
+    return str(value)
 
 
 def save_prompt_weights(model: PromptedCLIP, path: str | Path, method: str, settings: dict[str, Any]) -> Path:
@@ -39,7 +51,7 @@ def save_prompt_weights(model: PromptedCLIP, path: str | Path, method: str, sett
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plain_settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
+    plain_settings = {key: _plain(value) for key, value in settings.items()}
     torch.save(
         {
             "format": FORMAT,

@@ -1,7 +1,8 @@
-"""Make the models resolvable by anomalib's short names.
+"""Make the models and the zero-shot pipeline resolvable by anomalib's short names.
 
 ``anomalib.models.get_model("FAPrompt")`` looks among ``AnomalibModule``'s direct subclasses,
-``get_model({"class_path": "FAPrompt"})`` and the CLI look the name up on ``anomalib.models``.
+``get_model({"class_path": "FAPrompt"})`` and the CLI look the name up on ``anomalib.models``;
+``anomalib <subcommand>`` looks pipelines up in ``anomalib.cli.pipelines.PIPELINE_REGISTRY``.
 """
 
 from __future__ import annotations
@@ -17,3 +18,16 @@ def register() -> None:
         setattr(anomalib_models, model_class.__name__, model_class)
         if model_class.__name__ not in anomalib_models.__all__:
             anomalib_models.__all__.append(model_class.__name__)
+
+
+def register_pipelines() -> None:
+    """Add ``zero_shot`` to anomalib's pipeline subcommands (idempotent)."""
+    import importlib
+
+    from .pipelines import ZeroShot
+
+    # Called while anomalib.cli.pipelines is still being imported by the CLI: take it from sys.modules.
+    pipelines = importlib.import_module("anomalib.cli.pipelines")
+
+    if pipelines.PIPELINE_REGISTRY is not None:
+        pipelines.PIPELINE_REGISTRY.setdefault("zero_shot", ZeroShot)

@@ -18,6 +18,7 @@ from anomalib.data import Batch
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
@@ -39,6 +40,17 @@ ZERO_SHOT_PROTOCOL = (
 
 class UntrainedPromptsError(RuntimeError):
     """The model was asked to score images with prompts that were neither trained nor loaded."""
+
+
+class PromptWeightsCheckpoint(Callback):
+    """Write the learned prompts as a small ``prompts.pt`` next to each Lightning checkpoint."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Save the prompt file into the checkpoint callback's folder."""
+        del checkpoint
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if dirpath is not None and trainer.is_global_zero:
+            pl_module.save_prompt_weights(Path(dirpath) / "prompts.pt")
 
 
 class PromptLearningMixin:
@@ -125,6 +137,12 @@ class PromptLearningMixin:
                 f"or set allow_untrained_prompts=True for experiments."
             )
             raise UntrainedPromptsError(msg)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Anomalib's component callbacks plus the prompt-file writer."""
+        callbacks = super().configure_callbacks()
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        return [*callbacks, PromptWeightsCheckpoint()]
 
     def on_fit_start(self) -> None:
         """Refuse one-class train splits before any work is done."""

@@ -1,0 +1,73 @@
+"""The synthetic dataset generator and the auxiliary-training datamodule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from anomalib.data import Folder, MVTecAD
+from PIL import Image
+
+from anomalib_faprompt.data import CATEGORIES, AuxiliaryDataModule, generate_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_train=3, n_test=4, image_size=96)
+
+
+def test_every_category_reads_as_mvtec_with_masks(synthetic_root):
+    for category in CATEGORIES:
+        datamodule = MVTecAD(root=synthetic_root, category=category, num_workers=0)
+        datamodule.setup()
+        test = datamodule.test_data.samples
+        assert len(datamodule.train_data) == 3 and len(test) == 8
+        anomalous = test[test.label_index == 1]
+        assert len(anomalous) == 4
+        for mask_path in anomalous.mask_path:
+            mask = np.asarray(Image.open(mask_path))
+            assert mask.shape == (96, 96)
+            assert 0 < (mask > 127).mean() < 0.25, "a defect covers part of the image"
+
+
+def test_generation_is_deterministic(tmp_path):
+    first = generate_synthetic_dataset(tmp_path / "a", categories=["disc"], n_train=1, n_test=1, seed=3)
+    second = generate_synthetic_dataset(tmp_path / "b", categories=["disc"], n_train=1, n_test=1, seed=3)
+    files = sorted(path.relative_to(first) for path in first.rglob("*.png"))
+    assert files == sorted(path.relative_to(second) for path in second.rglob("*.png"))
+    for path in files:
+        assert np.array_equal(np.asarray(Image.open(first / path)), np.asarray(Image.open(second / path)))
+
+
+def test_unknown_synthetic_category(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown synthetic categories/defects \['marble'\]"):
+        generate_synthetic_dataset(tmp_path, categories=["marble"])
+
+
+def test_auxiliary_datamodule_trains_on_labelled_splits_and_tests_on_target(synthetic_root):
+    datamodule = AuxiliaryDataModule(
+        auxiliary=[MVTecAD(root=synthetic_root, category=c, num_workers=0) for c in ("stripes", "grain")],
+        target=MVTecAD(root=synthetic_root, category="disc", num_workers=0),
+        train_batch_size=4,
+        num_workers=0,
+    )
+    datamodule.setup()
+    train = datamodule.train_data.samples
+    assert len(train) == 16 and train.label_index.sum() == 8
+    assert {path.split("/")[-4] for path in train.image_path} == {"stripes", "grain"}
+    assert all(path.split("/")[-4] == "disc" for path in datamodule.test_data.samples.image_path)
+    assert datamodule.category == "disc"
+
+
+def test_auxiliary_data_without_masks_is_refused(synthetic_root):
+    no_masks = Folder(
+        name="no_masks",
+        root=synthetic_root / "stripes",
+        normal_dir="test/good",
+        abnormal_dir="test/scratch",
+        num_workers=0,
+    )
+    datamodule = AuxiliaryDataModule(
+        auxiliary=[no_masks], target=MVTecAD(root=synthetic_root, category="disc", num_workers=0), num_workers=0
+    )
+    with pytest.raises(ValueError, match=r"without pixel masks.*image-level-only training is not supported"):
+        datamodule.setup()

@@ -1,0 +1,126 @@
+"""The zero-shot protocol: ``anomalib zero_shot`` on synthetic categories with the small CLIP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from sklearn.metrics import roc_auc_score
+
+from anomalib_faprompt import AnomalyCLIP, FAPrompt
+from anomalib_faprompt.data import generate_synthetic_dataset
+from anomalib_faprompt.pipelines import ZeroShot
+
+ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
+AUXILIARY, HELD_OUT = ["stripes", "checker", "grain"], ["disc", "plate"]
+
+
+def protocol(root: Path, results: Path, small_clip: dict, models: list[str], max_epochs: int = 5) -> dict:
+    dataset = {"class_path": "MVTecAD", "init_args": {"root": str(root)}}
+    settings = {
+        "AnomalyCLIP": {**small_clip, "feature_layers": [2, 4, 6, 8]},
+        "FAPrompt": small_clip,
+        "Patchcore": {"backbone": "resnet18", "pre_trained": False, "layers": ["layer2", "layer3"]},
+    }
+    return {
+        "seed": 0,
+        "accelerator": "cpu",
+        "max_epochs": max_epochs,
+        "num_workers": 0,
+        "results_dir": str(results),
+        "auxiliary": {"dataset": dataset, "categories": AUXILIARY},
+        "targets": [{"dataset": dataset, "categories": HELD_OUT}],
+        "models": [{"class_path": name, "init_args": settings[name]} for name in models],
+    }
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_train=4, n_test=8, image_size=128)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, synthetic_root, small_clip):
+    """``anomalib zero_shot --config ...`` in a fresh process: both methods and PatchCore."""
+    folder = tmp_path_factory.mktemp("zero_shot")
+    config = folder / "protocol.yaml"
+    config.write_text(yaml.safe_dump(protocol(synthetic_root, folder / "results", small_clip,
+                                              ["AnomalyCLIP", "FAPrompt", "Patchcore"])))  # fmt: skip
+    result = subprocess.run([ANOMALIB, "zero_shot", "--config", str(config)], capture_output=True, text=True,
+                            timeout=1200, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folder / "results", result
+
+
+@pytest.mark.slow
+def test_cli_writes_the_table_with_one_row_per_model_and_category(cli_run):
+    results, result = cli_run
+    table = pd.read_csv(results / "results.csv")
+    for model in ("AnomalyCLIP", "FAPrompt", "Patchcore"):
+        rows = table[table.model == model]
+        assert sorted(rows.category) == sorted([*HELD_OUT, "mean"])
+        per_category = rows[rows.category != "mean"]
+        mean = rows[rows.category == "mean"].iloc[0]
+        for metric in ("image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO"):
+            assert per_category[metric].between(0, 1).all()
+            assert mean[metric] == pytest.approx(per_category[metric].mean())
+    assert (results / "results.md").read_text().count("\n") == len(table) + 2
+    assert (results / "results.png").stat().st_size > 10_000
+    assert "| FAPrompt | mean | mean |" in result.stdout
+    assert (results / "FAPrompt" / "prompts.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [AnomalyCLIP, FAPrompt])
+def test_table_equals_scikit_learn_on_raw_outputs(cli_run, method, small_clip, synthetic_root, tmp_path):
+    results, _ = cli_run
+    table = pd.read_csv(results / "results.csv")
+    extra = {"feature_layers": (2, 4, 6, 8)} if method is AnomalyCLIP else {}
+    prompts = results / method.__name__ / "prompts.pt"
+    for category in HELD_OUT:
+        model = method(**small_clip, **extra, prompt_weights=prompts, post_processor=False, visualizer=False)
+        datamodule = MVTecAD(root=synthetic_root, category=category, eval_batch_size=8, num_workers=0)
+        batches = Engine(default_root_dir=tmp_path, accelerator="cpu").predict(model, datamodule=datamodule)
+        scores = torch.cat([batch.pred_score for batch in batches]).numpy()
+        labels = torch.cat([batch.gt_label for batch in batches]).numpy()
+        maps = torch.cat([batch.anomaly_map for batch in batches]).flatten().numpy()
+        masks = torch.cat([batch.gt_mask for batch in batches]).flatten().numpy()
+        row = table[(table.model == method.__name__) & (table.category == category)].iloc[0]
+        assert row.image_AUROC == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+        assert row.pixel_AUROC == pytest.approx(roc_auc_score(masks, maps), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_resumes_without_retraining(cli_run, small_clip, synthetic_root):
+    results, _ = cli_run
+    config = protocol(synthetic_root, results, small_clip, ["FAPrompt"])
+    prompts = results / "FAPrompt" / "prompts.pt"
+    before = prompts.stat().st_mtime_ns
+    table = ZeroShot().run_config(config)
+    assert prompts.stat().st_mtime_ns == before
+    previous = pd.read_csv(results / "results.csv")
+    assert table.set_index(["model", "category"]).image_AUROC.to_dict() == pytest.approx(
+        previous[previous.model == "FAPrompt"].set_index(["model", "category"]).image_AUROC.to_dict()
+    )
+
+
+def test_target_missing_on_disk(tmp_path, small_clip, synthetic_root):
+    config = protocol(synthetic_root, tmp_path, small_clip, ["FAPrompt"])
+    config["targets"] = [{"dataset": {"class_path": "Visa", "init_args": {"root": str(tmp_path / "VisA")}},
+                          "categories": ["pcb1"]}]  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"Visa: categories \['pcb1'\] not found under"):
+        ZeroShot().run_config(config)
+
+
+def test_unknown_category(tmp_path, small_clip, synthetic_root):
+    config = protocol(synthetic_root, tmp_path, small_clip, ["FAPrompt"])
+    config["targets"][0]["categories"] = ["disc", "marble"]
+    with pytest.raises(ValueError, match=r"MVTecAD: unknown categories \['marble'\]; available:"):
+        ZeroShot().run_config(config)
