@@ -99,6 +99,15 @@ class PromptedCLIP(nn.Module):
         if self.training and torch.is_grad_enabled():
             self._text_cache = None
             return compute()
+        if torch.compiler.is_exporting():
+            # Parameters are fake tensors here: the features of the last eager call become graph constants.
+            if self._text_cache is None:
+                msg = (
+                    "Run the model once in eval mode before torch.export so that its image-independent text "
+                    "features are baked into the graph (the Lightning module's to_onnx/to_openvino do this)."
+                )
+                raise RuntimeError(msg)
+            return self._text_cache[1]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.learnable_parameters())
         if self._text_cache is None or self._text_cache[0] != key:
             with torch.no_grad():
@@ -114,10 +123,12 @@ class PromptedCLIP(nn.Module):
         filled = [template.fill(context) for template, context in groups]
         embeddings = torch.cat([embedding for embedding, _ in filled])
         eot_positions = torch.cat([positions for _, positions in filled])
+        length = max(template.length for template, _ in groups)
         # fp32 under autocast too: text is a few percent of the FLOPs and FAPrompt's scores are sensitive to it.
         with torch.autocast(embeddings.device.type, enabled=False):
-            features = self.text(embeddings.float(), eot_positions, [p.float() for p in self.deep_prompts])
-        sizes = [len(positions) for _, positions in filled]
+            features = self.text(embeddings.float(), eot_positions, [p.float() for p in self.deep_prompts], length)
+        # shape[0], not len(): stays symbolic under torch.export (FAPrompt's DAP prompts scale with the batch).
+        sizes = [positions.shape[0] for _, positions in filled]
         return [
             chunk.view(*context.shape[:-2], -1)
             for chunk, (_, context) in zip(features.split(sizes), groups, strict=True)

@@ -45,6 +45,8 @@ class PromptTemplate(nn.Module):
         self.register_buffer("prefix", prefix, persistent=False)
         self.register_buffer("suffix", suffix, persistent=False)
         self.register_buffer("eot_positions", eot_positions, persistent=False)
+        #: Cut length covering every template's EOT, a Python int so that it stays static under torch.export.
+        self.length = int(eot_positions.max()) + 1
 
     def fill(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Insert contexts (..., n_ctx, T) into the templates (P templates broadcast against the last leading dim).
@@ -94,6 +96,7 @@ class PromptedTextEncoder(nn.Module):
         embeddings: torch.Tensor,
         eot_positions: torch.Tensor,
         deep_prompts: Sequence[torch.Tensor] = (),
+        length: int | None = None,
     ) -> torch.Tensor:
         """Encode prompt embeddings (N, L, T); returns the projected EOT features (N, E), not normalised.
 
@@ -101,9 +104,11 @@ class PromptedTextEncoder(nn.Module):
             embeddings: Token embeddings of the prompts (without positions).
             eot_positions: EOT index of each prompt (N,).
             deep_prompts: Matrices (n, T) that replace positions ``1..n`` before blocks 2, 3, ...
+            length: Cut length (> every EOT position), e.g. ``PromptTemplate.length``; computed from
+                ``eot_positions`` when ``None``, which torch.export cannot do (the value is data-dependent).
         """
         # Python int: the cut length must be static for tracing/export, and every prompt's EOT fits.
-        length = int(eot_positions.max()) + 1
+        length = int(eot_positions.max()) + 1 if length is None else length
         x = embeddings[:, :length] + self.positional_embedding[:length].to(embeddings.dtype)
         for index, block in enumerate(self.resblocks):
             if 1 <= index <= len(deep_prompts):

@@ -71,7 +71,8 @@ class DPAMVisionEncoder(nn.Module):
         # One fused call for both paths: queries (q; v) against keys (k; v), values v twice.
         attended = F.scaled_dot_product_attention(torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]))
         attended = merge_heads(block, attended)
-        qk_out, vv_out = attended.chunk(2)
+        # unbind, not chunk: chunk on a symbolic batch pins it in torch.export (dynamic-batch ONNX/OpenVINO).
+        qk_out, vv_out = attended.unflatten(0, (2, -1)).unbind(0)
         x = x + block.ls_1(qk_out)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return x, x_vv + block.ls_1(vv_out)
