@@ -47,6 +47,25 @@ def test_autocast_scores_match_fp32(method, dtype, small_clip, released_prompts,
     torch.testing.assert_close(mixed.anomaly_map, reference.anomaly_map, atol=1e-2 * summed_layers, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["AnomalyCLIP", "FAPrompt"])
+def test_autocast_training_losses_are_fp32_and_close(method, small_clip, released_prompts, anomalyclip_golden):
+    module = make_model(method, small_clip, released_prompts)
+    images = anomalyclip_golden["inputs"]["images"][:2]
+    masks = torch.zeros(2, *images.shape[-2:])
+    masks[0, 8:24, 8:24] = 1
+    labels = torch.tensor([1, 0])
+    module.model.train()
+    reference = module.training_losses(images, masks, labels)
+    with torch.autocast("cpu", dtype=torch.float16):
+        mixed = module.training_losses(images, masks, labels)
+    mixed["loss"].backward()
+    for name, value in mixed.items():
+        assert value.dtype == torch.float32, name
+        assert torch.isfinite(value), name
+    assert all(torch.isfinite(p.grad).all() for p in module.model.learnable_parameters() if p.grad is not None)
+    torch.testing.assert_close(mixed["loss"], reference["loss"], rtol=1e-2, atol=1e-3)
+
+
 def test_lightning_mixed_precision_runs_end_to_end(small_clip, released_prompts, tiny_mvtec, tmp_path):
     datamodule = MVTecAD(root=tiny_mvtec, category="widget", eval_batch_size=3, num_workers=0)
     reference = Engine(default_root_dir=tmp_path / "fp32", accelerator="cpu").test(

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 
 def register() -> None:
-    """Expose AnomalyCLIP and FAPrompt on ``anomalib.models`` (idempotent)."""
+    """Expose AnomalyCLIP and FAPrompt on ``anomalib.models``, AuxiliaryDataModule on ``anomalib.data``."""
+    import anomalib.data as anomalib_data
     import anomalib.models as anomalib_models
 
+    from .data import AuxiliaryDataModule
     from .models import AnomalyCLIP, FAPrompt
+
+    anomalib_data.AuxiliaryDataModule = AuxiliaryDataModule  # anomalib.data.get_datamodule looks names up there
 
     for model_class in (AnomalyCLIP, FAPrompt):
         setattr(anomalib_models, model_class.__name__, model_class)

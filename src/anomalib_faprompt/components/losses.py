@@ -26,7 +26,8 @@ class FocalLoss(nn.Module):
         self.smooth = smooth
 
     def forward(self, probabilities: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Loss of maps (B, 2, H, W) against binary masks (B, H, W)."""
+        """Loss of maps (B, 2, H, W) against binary masks (B, H, W), in fp32 also under autocast."""
+        probabilities = probabilities.float()
         target = F.one_hot(masks.long(), num_classes=probabilities.shape[1]).movedim(-1, 1).to(probabilities.dtype)
         target = target.clamp(self.smooth, 1.0 - self.smooth)
         pt = (target * probabilities).sum(dim=1) + self.smooth
@@ -37,8 +38,8 @@ class BinaryDiceLoss(nn.Module):
     """Per-image ``1 - (2 sum(pg) + 1) / (sum(p) + sum(g) + 1)``, averaged over the batch."""
 
     def forward(self, probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Loss of maps (B, H, W) against targets of the same shape."""
-        p, g = probabilities.flatten(1), targets.flatten(1)
+        """Loss of maps (B, H, W) against targets of the same shape, in fp32 also under autocast."""
+        p, g = probabilities.float().flatten(1), targets.float().flatten(1)
         dice = (2 * (p * g).sum(dim=1) + 1) / (p.sum(dim=1) + g.sum(dim=1) + 1)
         return 1 - dice.mean()
 
@@ -51,8 +52,9 @@ class BinaryFocalLoss(nn.Module):
         self.gamma = gamma
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean loss of logits (B,) against binary labels (B,)."""
-        bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        """Mean loss of logits (B,) against binary labels (B,), in fp32 also under autocast."""
+        logits = logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
         return ((1 - torch.exp(-bce)) ** self.gamma * bce).mean()
 
 

@@ -23,7 +23,8 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 from anomalib.data import AnomalibDataModule
@@ -33,12 +34,22 @@ def _describe(datamodule: AnomalibDataModule) -> str:
     return f"{type(datamodule).__name__}(category={getattr(datamodule, 'category', None)!r})"
 
 
+def _instantiate(datamodule: AnomalibDataModule | Mapping[str, Any]) -> AnomalibDataModule:
+    """Accept datamodules or their ``{class_path, init_args}`` configs (as ``anomalib benchmark`` passes them)."""
+    if isinstance(datamodule, Mapping):
+        from anomalib.data import get_datamodule
+
+        return get_datamodule(dict(datamodule))
+    return datamodule
+
+
 class AuxiliaryDataModule(AnomalibDataModule):
     """Auxiliary labelled training data plus a target datamodule for validation and test.
 
     Args:
-        auxiliary: Datamodules whose test splits (with masks) are the training data.
-        target: Datamodule to validate and test on (its train split is not used).
+        auxiliary: Datamodules (or their ``class_path``/``init_args`` configs) whose test splits, with
+            masks, are the training data.
+        target: Datamodule (or config) to validate and test on; its train split is not used.
         train_batch_size: Training batch size (8 in the releases).
         eval_batch_size: Validation/test batch size.
         num_workers: Data-loader workers.
@@ -46,8 +57,8 @@ class AuxiliaryDataModule(AnomalibDataModule):
 
     def __init__(
         self,
-        auxiliary: Sequence[AnomalibDataModule],
-        target: AnomalibDataModule,
+        auxiliary: Sequence[AnomalibDataModule | Mapping[str, Any]],
+        target: AnomalibDataModule | Mapping[str, Any],
         train_batch_size: int = 8,
         eval_batch_size: int = 8,
         num_workers: int = 4,
@@ -56,8 +67,8 @@ class AuxiliaryDataModule(AnomalibDataModule):
         if not auxiliary:
             msg = "AuxiliaryDataModule needs at least one auxiliary datamodule to learn prompts from."
             raise ValueError(msg)
-        self.auxiliary = list(auxiliary)
-        self.target = target
+        self.auxiliary = [_instantiate(datamodule) for datamodule in auxiliary]
+        self.target = _instantiate(target)
 
     @property
     def name(self) -> str:

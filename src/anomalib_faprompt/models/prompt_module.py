@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from anomalib import LearningType
@@ -24,10 +24,20 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.prompt_weights import load_prompt_weights, save_prompt_weights
 
+if TYPE_CHECKING:
+    from anomalib import TaskType
+    from anomalib.data import AnomalibDataModule
+    from anomalib.deploy import CompressionType
+    from torchmetrics import Metric
+
 logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: ONNX opset of exports. The dynamo exporter emits opset 18; anomalib's default (14) needs a down-conversion
+#: that fails on this graph (ReduceMean/Split axes) and leaves the model at 18 after a long warning anyway.
+ONNX_OPSET = 18
 
 ZERO_SHOT_PROTOCOL = (
     "Zero-shot prompt learning needs anomalous training samples with masks: prompts are learned once on an "
@@ -59,8 +69,11 @@ class PromptLearningMixin:
     model: PromptedCLIP
     method_name: str
 
-    def _init_prompts(self, prompt_weights: str | Path | None, allow_untrained_prompts: bool) -> None:
+    def _init_prompts(
+        self, prompt_weights: str | Path | None, allow_untrained_prompts: bool, max_epochs: int | None
+    ) -> None:
         self.prompt_weights = prompt_weights
+        self.max_epochs = max_epochs
         self.allow_untrained_prompts = allow_untrained_prompts
         if prompt_weights is not None:
             load_prompt_weights(self.model, prompt_weights, self.method_name)
@@ -109,8 +122,11 @@ class PromptLearningMixin:
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation: prompts are untrained before the first step."""
-        return {"num_sanity_val_steps": 0}
+        """No sanity validation (prompts are untrained before the first step); ``max_epochs`` when set."""
+        arguments: dict[str, Any] = {"num_sanity_val_steps": 0}
+        if self.max_epochs is not None:
+            arguments["max_epochs"] = self.max_epochs
+        return arguments
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on the learnable parameters only, with the release's settings."""
@@ -187,3 +203,94 @@ class PromptLearningMixin:
         """Write the learned prompts to a small file loadable with ``prompt_weights=``."""
         settings = {k: v for k, v in self.hparams.items() if k not in {"prompt_weights", "allow_untrained_prompts"}}
         return save_prompt_weights(self.model, path, self.method_name, settings)
+
+    # Export -------------------------------------------------------------------------------------------------
+
+    def _prepare_export(self) -> None:
+        """Refuse untrained prompts, then compute the text features the exported graph holds as constants.
+
+        One eager forward in eval mode fills the model's text cache from the current parameters; while
+        ``torch.export`` traces, :meth:`PromptedCLIP.cached` returns it, so the image-independent text
+        encoder does not run in the exported model. FAPrompt's per-image DAP path (top-M patches, prior
+        network, text encoder over the B x K shifted prompts) depends on the image and stays in the graph.
+        """
+        self._check_prompts_ready("export")
+        self.eval()
+        size = self.model.image_size
+        with torch.no_grad():
+            self.model(torch.zeros(1, 3, size, size, device=self.device))
+
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """Export the whole pipeline (pre-processing, model, post-processing) for ``TorchInferencer``.
+
+        Example:
+            >>> model = FAPrompt(prompt_weights="FAPrompt_mvtec.pth")  # doctest: +SKIP
+            >>> model.to_torch("exports")  # doctest: +SKIP
+            PosixPath('exports/weights/torch/model.pt')
+
+        Raises:
+            UntrainedPromptsError: If the prompts were neither trained nor loaded.
+        """
+        self._prepare_export()
+        return super().to_torch(export_root, model_file_name)
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX (opset 18) with pre-processing inside and the static text features as constants.
+
+        Without ``input_size`` the graph takes any image size (it resizes to ``image_size`` itself), as
+        anomalib's inferencers need; the batch size is dynamic either way.
+
+        Example:
+            >>> model = AnomalyCLIP(prompt_weights="AnomalyCLIP_mvtec.pth")  # doctest: +SKIP
+            >>> model.to_onnx("exports")  # doctest: +SKIP
+            PosixPath('exports/weights/onnx/model.onnx')
+
+        Raises:
+            UntrainedPromptsError: If the prompts were neither trained nor loaded.
+        """
+        self._prepare_export()
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        metric: Metric | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
+        ov_kwargs: dict[str, Any] | None = None,
+        onnx_kwargs: dict[str, Any] | None = None,
+    ) -> Path:
+        """Export to OpenVINO IR through ONNX (see :meth:`to_onnx`); runs with ``OpenVINOInferencer``.
+
+        Example:
+            >>> model = FAPrompt(prompt_weights="FAPrompt_mvtec.pth")  # doctest: +SKIP
+            >>> model.to_openvino("exports")  # doctest: +SKIP
+            PosixPath('exports/weights/openvino/model.xml')
+
+        Raises:
+            UntrainedPromptsError: If the prompts were neither trained nor loaded.
+        """
+        self._check_prompts_ready("export")
+        return super().to_openvino(
+            export_root,
+            model_file_name,
+            input_size,
+            compression_type=compression_type,
+            datamodule=datamodule,
+            metric=metric,
+            task=task,
+            max_drop=max_drop,
+            ov_kwargs=ov_kwargs,
+            onnx_kwargs={"opset_version": ONNX_OPSET, **(onnx_kwargs or {})},
+        )

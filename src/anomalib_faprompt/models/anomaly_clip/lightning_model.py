@@ -55,6 +55,8 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         learning_rate: Adam learning rate.
         betas: Adam betas.
         allow_untrained_prompts: Allow testing/predicting with untrained prompts (experiments only).
+        max_epochs: Epochs of prompt learning. ``None`` leaves it to the trainer (15 in ``configs/``); when
+            set it overrides the trainer's value, for runners that take no trainer config (``anomalib benchmark``).
         pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for image AUROC/F1, pixel AUROC and AUPRO.
@@ -78,6 +80,7 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         learning_rate: float = 1e-3,
         betas: Sequence[float] = (0.5, 0.999),
         allow_untrained_prompts: bool = False,
+        max_epochs: int | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -105,7 +108,7 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         self.loss = AnomalyCLIPLoss()
         self.learning_rate = learning_rate
         self.betas = betas
-        self._init_prompts(prompt_weights, allow_untrained_prompts)
+        self._init_prompts(prompt_weights, allow_untrained_prompts, max_epochs)
 
     def training_losses(
         self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor

@@ -23,10 +23,11 @@ from anomalib_faprompt.components.losses import BinaryFocalLoss, segmentation_lo
 
 
 def orthogonality_loss(abnormal_features: torch.Tensor) -> torch.Tensor:
-    """Sum over pairs i < j of |cos| between the K static abnormal text features (K, E)."""
-    normalised = F.normalize(abnormal_features, dim=-1)
-    cosine = normalised @ normalised.t()
-    return cosine.triu(diagonal=1).abs().sum()
+    """Sum over pairs i < j of |cos| between the K static abnormal text features (K, E), in fp32."""
+    with torch.autocast(abnormal_features.device.type, enabled=False):
+        normalised = F.normalize(abnormal_features.float(), dim=-1)
+        cosine = normalised @ normalised.t()
+        return cosine.triu(diagonal=1).abs().sum()
 
 
 class FAPromptLoss(nn.Module):
