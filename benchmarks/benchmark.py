@@ -4,20 +4,32 @@ Per method: FLOPs per image, inference latency and throughput per batch size, on
 (and the forward cost of the frozen vision encoder on the same batch), peak memory, and the
 machine's measured matmul rate in the same run, so efficiency is a ratio measured in one run.
 
+Weights are random (``pretrained=None``): speed does not depend on them. FLOPs are counted with
+:class:`torch.utils.flop_counter.FlopCounterMode` on one image with the static text already cached
+(steady-state inference), attention counted through the math backend. Efficiency is
+``FLOPs/image × images/s ÷ measured matmul FLOP/s``, all from the same run. Peak memory is the
+allocator's peak on CUDA and the process's peak resident set size (sampled) on CPU, weights included.
+
 Examples:
-    python benchmarks/benchmark.py --config small                      # CI: ViT-B-16 at 224, random weights
-    python benchmarks/benchmark.py --config large --batch-sizes 1 8    # ViT-L-14-336 at 518 (the paper's)
+    python benchmarks/benchmark.py --config small                      # CI: ViT-B-16 at 224 (~2-4 min, 2 cores)
+    python benchmarks/benchmark.py --config large                      # ViT-L-14-336 at 518 (~5-8 min, 2 cores)
     python benchmarks/benchmark.py --config large --device cuda --precision bf16 --batch-sizes 1 8 32
+
+On CPU the large configuration defaults to one timed repeat, no warm-up and a training batch of 2,
+so that it finishes in under 10 minutes on 2 cores; pass ``--repeats``/``--warmup``/
+``--train-batch-size`` to override.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -29,21 +41,40 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_faprompt import AnomalyCLIP, FAPrompt
 
+#: Model settings per configuration (the paper's are ``large``).
 CONFIGS: dict[str, dict[str, Any]] = {
     "small": {"backbone": "ViT-B-16", "image_size": 224, "dpam_layers": 10, "feature_layers": (6, 12)},
     "large": {"backbone": "ViT-L-14-336", "image_size": 518, "dpam_layers": 19, "feature_layers": (6, 12, 18, 24)},
 }
 METHODS = {"AnomalyCLIP": AnomalyCLIP, "FAPrompt": FAPrompt}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Timing defaults: (repeats, warm-up runs, training batch) per (config, device type).
+TIMING_DEFAULTS: dict[tuple[str, str], tuple[int, int, int]] = {("large", "cpu"): (1, 0, 2)}
+DEFAULT_TIMING = (3, 1, 8)
 
 
 def synchronise(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall time covers it.
+
+    Args:
+        device: Device the work runs on; nothing to wait for on CPU.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timed(function: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``function`` in seconds."""
+    """Median wall time of ``function``.
+
+    Args:
+        function: Work to time.
+        device: Device it runs on (synchronised before reading the clock).
+        repeats: Timed runs.
+        warmup: Untimed runs before them.
+
+    Returns:
+        Median seconds per run.
+    """
     for _ in range(warmup):
         function()
     synchronise(device)
@@ -57,28 +88,95 @@ def timed(function: Callable[[], object], device: torch.device, repeats: int, wa
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured rate of a large square matrix product in the benchmark's precision."""
+    """Measured rate of a large square matrix product, the reference for efficiency.
+
+    Args:
+        device: Device to measure.
+        dtype: Element type of the product (the benchmark's precision on GPU, fp32 on CPU).
+
+    Returns:
+        GFLOP/s of the best of several products (``2 n³`` FLOPs each).
+    """
     size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = timed(lambda: a @ b, device, repeats=10 if device.type == "cuda" else 4, warmup=2)
-    return 2 * size**3 / seconds / 1e9
+    for _ in range(2):
+        a @ b
+    synchronise(device)
+    best = float("inf")
+    for _ in range(10 if device.type == "cuda" else 5):
+        start = time.perf_counter()
+        a @ b
+        synchronise(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory since the last reset, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _resident_mb() -> float:
+    """Current resident set size of this process in MiB (Linux), else the peak so far."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+class PeakMemory:
+    """Peak memory during a ``with`` block: CUDA allocator peak, or sampled process RSS on CPU.
+
+    Args:
+        device: Device whose memory to watch.
+        interval: Sampling period in seconds on CPU.
+
+    Example:
+        >>> with PeakMemory(torch.device("cpu")) as peak:
+        ...     _ = torch.ones(1024, 1024)
+        >>> peak.megabytes > 0
+        True
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
+        self.device = device
+        self.interval = interval
+        self.megabytes = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.megabytes = max(self.megabytes, _resident_mb())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.megabytes = _resident_mb()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.device.type == "cuda":
+            synchronise(self.device)
+            self.megabytes = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.megabytes = max(self.megabytes, _resident_mb())
 
 
 def build(method: str, config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """Lightning module of ``method`` with random CLIP weights and untrained prompts.
+
+    Args:
+        method: ``AnomalyCLIP`` or ``FAPrompt``.
+        config: One of :data:`CONFIGS`.
+        device: Where to put it.
+
+    Returns:
+        The module, without pre/post-processing, on ``device``.
+    """
     settings = {k: v for k, v in config.items() if k != "feature_layers" or method == "AnomalyCLIP"}
     module = METHODS[method](
         **settings,
@@ -95,14 +193,24 @@ def build(method: str, config: dict[str, Any], device: torch.device) -> torch.nn
 def benchmark_method(
     method: str, config: dict[str, Any], args: argparse.Namespace, device: torch.device, rate: float
 ) -> dict[str, Any]:
+    """FLOPs, inference latency/throughput/memory per batch size, and one training step of a method.
+
+    Args:
+        method: ``AnomalyCLIP`` or ``FAPrompt``.
+        config: One of :data:`CONFIGS`.
+        args: Parsed command line (batch sizes, precision, repeats, ...).
+        device: Device to run on.
+        rate: Measured matmul GFLOP/s of ``device`` in this run.
+
+    Returns:
+        The method's entry of the JSON report.
+    """
     torch.manual_seed(0)
     module = build(method, config, device)
     model = module.model
     size = config["image_size"]
     autocast: Callable[[], AbstractContextManager] = (
-        (lambda: torch.autocast(device.type, dtype=DTYPES[args.precision]))
-        if args.precision != "fp32"
-        else nullcontext
+        (lambda: torch.autocast(device.type, dtype=DTYPES[args.precision])) if args.precision != "fp32" else nullcontext
     )
 
     def images(batch: int) -> torch.Tensor:
@@ -111,12 +219,17 @@ def benchmark_method(
     model.eval()
     # Count with the math attention backend: the flop counter does not see every fused kernel (CPU's).
     with torch.no_grad(), autocast(), sdpa_kernel(SDPBackend.MATH):
+        model(images(1))  # caches the static text, which inference encodes once, not per image
         with FlopCounterMode(display=False) as counter:
             model(images(1))
         flops_per_image = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             model.encode_image(images(1), model.feature_layers)
         vision_flops_per_image = counter.get_total_flops()
+
+    if args.compile:
+        # After counting. The frozen vision encoder holds nearly all the FLOPs; one graph per batch size.
+        model.vision.compile(dynamic=False)
 
     result: dict[str, Any] = {
         "method": method,
@@ -126,16 +239,16 @@ def benchmark_method(
     }
     for batch in args.batch_sizes:
         batch_images = images(batch)
-        reset_peak(device)
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), PeakMemory(device) as peak:
             seconds = timed(lambda batch_images=batch_images: model(batch_images), device, args.repeats, args.warmup)
         images_per_second = batch / seconds
         result["inference"][f"batch_{batch}"] = {
             "seconds_per_batch": seconds,
             "seconds_per_image": seconds / batch,
             "images_per_second": images_per_second,
+            "achieved_gflops": flops_per_image * images_per_second / 1e9,
             "efficiency_vs_matmul": flops_per_image * images_per_second / (rate * 1e9),
-            "peak_memory_mb": peak_memory_mb(device),
+            "peak_memory_mb": peak.megabytes,
         }
 
     batch = args.train_batch_size
@@ -153,9 +266,8 @@ def benchmark_method(
         losses["loss"].backward()
         optimiser.step()
 
-    reset_peak(device)
-    step_seconds = timed(training_step, device, args.repeats, args.warmup)
-    train_peak = peak_memory_mb(device)
+    with PeakMemory(device) as peak:
+        step_seconds = timed(training_step, device, args.repeats, args.warmup)
     with torch.no_grad(), autocast():
         vision_seconds = timed(
             lambda: model.encode_image(batch_images, model.feature_layers), device, args.repeats, args.warmup
@@ -165,15 +277,26 @@ def benchmark_method(
         "seconds": step_seconds,
         "vision_forward_seconds": vision_seconds,
         "step_over_vision_forward": step_seconds / vision_seconds,
-        "peak_memory_mb": train_peak,
+        "peak_memory_mb": peak.megabytes,
     }
     if args.precision != "fp32":
         result["score_difference_vs_fp32"] = precision_difference(model, images(4), autocast)
     return result
 
 
-def precision_difference(model: torch.nn.Module, batch_images: torch.Tensor, autocast: Callable) -> dict[str, float]:
-    """Largest score and map difference between the chosen precision and fp32 on the same images."""
+def precision_difference(
+    model: torch.nn.Module, batch_images: torch.Tensor, autocast: Callable[[], AbstractContextManager]
+) -> dict[str, float]:
+    """Largest score and map difference between the chosen precision and fp32 on the same images.
+
+    Args:
+        model: Torch model of a method.
+        batch_images: Images to score.
+        autocast: Factory of the mixed-precision context.
+
+    Returns:
+        Maximum absolute differences of ``pred_score`` and of the (smoothed) ``anomaly_map``.
+    """
     model.eval()
     with torch.no_grad():
         reference = model(batch_images)
@@ -185,25 +308,55 @@ def precision_difference(model: torch.nn.Module, batch_images: torch.Tensor, aut
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line, with timing defaults that depend on the configuration and device.
+
+    Args:
+        argv: Arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        Parsed arguments with ``repeats``, ``warmup`` and ``train_batch_size`` resolved.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="fp32, or autocast to bf16/fp16")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--train-batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--train-batch-size", type=int, default=None, help="default 8 (2 for large on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (default 3; large CPU 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1; large CPU 0)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the vision encoder")
+    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
+    repeats, warmup, train_batch = TIMING_DEFAULTS.get((args.config, torch.device(args.device).type), DEFAULT_TIMING)
+    args.repeats = repeats if args.repeats is None else args.repeats
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.train_batch_size = train_batch if args.train_batch_size is None else args.train_batch_size
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and print its JSON report.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The report.
+    """
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
+        # fp32 means fp32: no TF32 tensor-core products, for the reference rate and the models alike.
         torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
     config = CONFIGS[args.config]
     rate = matmul_gflops(device, DTYPES[args.precision] if device.type == "cuda" else torch.float32)
+    started = time.perf_counter()
     report = {
         "machine": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -211,11 +364,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "torch": torch.__version__,
             "python": sys.version.split()[0],
             "matmul_gflops": rate,
+            "memory": "CUDA allocator peak" if device.type == "cuda" else "process peak RSS (sampled)",
         },
-        "config": {"name": args.config, **config, "precision": args.precision, "pretrained": None},
+        "config": {
+            "name": args.config,
+            **config,
+            "precision": args.precision,
+            "pretrained": None,
+            "compile": args.compile,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+        },
         "results": [benchmark_method(method, config, args, device, rate) for method in args.methods],
     }
-    print(json.dumps(report, indent=2))
+    report["wall_seconds"] = time.perf_counter() - started
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as file:
+            file.write(text + "\n")
     return report
 
 

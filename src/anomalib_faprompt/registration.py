@@ -27,11 +27,15 @@ def register() -> None:
 def register_pipelines() -> None:
     """Add ``zero_shot`` to anomalib's pipeline subcommands (idempotent)."""
     import importlib
+    import sys
+
+    pipelines = sys.modules.get("anomalib.cli.pipelines") or importlib.import_module("anomalib.cli.pipelines")
+    if not hasattr(pipelines, "PIPELINE_REGISTRY"):
+        # anomalib.cli.pipelines is part-way through its own imports (anomalib.engine imports anomalib.models,
+        # whose hook imports this package): the start-up hook registers once the module has finished loading.
+        return
 
     from .pipelines import ZeroShot
-
-    # Called while anomalib.cli.pipelines is still being imported by the CLI: take it from sys.modules.
-    pipelines = importlib.import_module("anomalib.cli.pipelines")
 
     if pipelines.PIPELINE_REGISTRY is not None:
         pipelines.PIPELINE_REGISTRY.setdefault("zero_shot", ZeroShot)

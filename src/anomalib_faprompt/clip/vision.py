@@ -77,9 +77,7 @@ class DPAMVisionEncoder(nn.Module):
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return x, x_vv + block.ls_1(vv_out)
 
-    def forward(
-        self, images: torch.Tensor, feature_layers: Sequence[int]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, images: torch.Tensor, feature_layers: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encode images.
 
         Args:

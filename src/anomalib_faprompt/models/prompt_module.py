@@ -77,6 +77,33 @@ class PromptLearningMixin:
         self.allow_untrained_prompts = allow_untrained_prompts
         if prompt_weights is not None:
             load_prompt_weights(self.model, prompt_weights, self.method_name)
+        self._default_thresholds()
+
+    def _default_thresholds(self) -> None:
+        """Give the post-processor the scale of the outputs until validation data calibrates it.
+
+        Scores are anomaly probabilities in [0, 1]; maps add one probability per feature layer, in
+        [0, L]. Without statistics anomalib's post-processor passes them through unthresholded (labels
+        and masks would be the raw values), as when predicting on a folder or exporting a model whose
+        prompts were loaded. With these ranges scores stay as they are, maps become the mean per-layer
+        probability, and both are labelled anomalous above 0.5. Validation replaces them (anomalib
+        validates a zero-shot model before testing it).
+        """
+        post_processor = self.post_processor
+        if not isinstance(post_processor, PostProcessor):
+            return
+        map_scale = float(len(self.model.feature_layers))
+        defaults = {
+            "_image_threshold": 0.5,
+            "image_min": 0.0,
+            "image_max": 1.0,
+            "_pixel_threshold": 0.5 * map_scale,
+            "pixel_min": 0.0,
+            "pixel_max": map_scale,
+        }
+        if all(torch.isnan(getattr(post_processor, name)).all() for name in defaults):
+            for name, value in defaults.items():
+                getattr(post_processor, name).fill_(value)
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> PreProcessor:
@@ -176,6 +203,15 @@ class PromptLearningMixin:
     def on_predict_start(self) -> None:
         """Prediction needs usable prompts."""
         self._check_prompts_ready("predict")
+
+    def val_dataloader(self) -> list:
+        """No validation data of the model's own.
+
+        Lightning asks the model when it was given neither a datamodule nor dataloaders, as anomalib's
+        ``Engine.predict(model, data_path=...)`` does to calibrate a zero-shot model (loaded prompts) before
+        predicting: there is then nothing to calibrate on, and prediction goes on with default thresholds.
+        """
+        return []
 
     def _training_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.gt_mask is None:
