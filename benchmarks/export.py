@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import onnxruntime
     import openvino
 
-    with tempfile.TemporaryDirectory() as folder:
+    # The exporters report progress on stdout; keep stdout for the JSON report.
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
         results = [benchmark_method(method, args, Path(folder)) for method in args.methods]
     report = {
         "machine": {

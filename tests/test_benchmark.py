@@ -33,3 +33,21 @@ def test_benchmark_reports_latency_training_memory_and_efficiency():
         assert training["seconds"] > 0 and training["vision_forward_seconds"] > 0
         ratio = training["seconds"] / training["vision_forward_seconds"]
         assert training["step_over_vision_forward"] == pytest.approx(ratio)
+
+
+@pytest.mark.slow
+def test_export_benchmark_reports_parity_and_latency_of_every_backend():
+    """ViT-B/16 layout (not the fixtures' small CLIP): FAPrompt's DAP path exported and within 1e-3 of torch."""
+    script = SCRIPT.with_name("export.py")
+    command = [sys.executable, str(script), "--methods", "FAPrompt", "--repeats", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = json.loads(result.stdout)["results"]
+    assert set(entry["seconds_per_image"]) == {"torch", "onnxruntime", "openvino"}
+    assert all(seconds > 0 for seconds in entry["seconds_per_image"].values())
+    for backend in ("onnxruntime", "openvino"):
+        assert entry["export_seconds"]["onnx" if backend == "onnxruntime" else "openvino"] > 0
+        assert max(entry["max_difference_vs_torch"][backend].values()) < 1e-3, entry["max_difference_vs_torch"]
+        assert entry["speedup_vs_torch"][backend] == pytest.approx(
+            entry["seconds_per_image"]["torch"] / entry["seconds_per_image"][backend]
+        )
