@@ -229,6 +229,14 @@ class PromptLearningMixin:
         del args, kwargs
         self.model.prompts_ready.fill_(True)
 
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One prompt-learning step on labelled images with masks (the method's ``training_losses``)."""
+        del args, kwargs
+        masks, labels = self._training_targets(batch)
+        losses = self.training_losses(batch.image, masks, labels)
+        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
+        return losses
+
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """Score the validation batch (anomalib uses it for thresholds and normalisation)."""
         del args, kwargs

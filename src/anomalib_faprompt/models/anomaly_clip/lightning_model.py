@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
@@ -116,11 +114,3 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         """Loss terms of one prompt-learning step (``loss`` is the total)."""
         output = self.model.forward_features(images)
         return self.loss(output.layer_maps, output.image_logits, masks, labels)
-
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """One prompt-learning step on labelled images with masks."""
-        del args, kwargs
-        masks, labels = self._training_targets(batch)
-        losses = self.training_losses(batch.image, masks, labels)
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
-        return losses

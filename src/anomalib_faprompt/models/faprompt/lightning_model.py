@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
@@ -130,11 +128,3 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
             masks,
             labels,
         )
-
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """One prompt-learning step on labelled images with masks."""
-        del args, kwargs
-        masks, labels = self._training_targets(batch)
-        losses = self.training_losses(batch.image, masks, labels)
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
-        return losses
