@@ -7,7 +7,7 @@ the image (recomputed after every parameter update, once in total at inference).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loading import build_clip
+from .settings import backbone_geometry, check_float, check_int, check_layers
 from .text import PromptedTextEncoder, PromptTemplate
 from .vision import DPAMVisionEncoder
 
@@ -46,6 +47,10 @@ class PromptedCLIP(nn.Module):
         text_depth: Number of text blocks that see learnable tokens (deep prompts before blocks 2..depth).
         text_n_ctx: Length of each deep prompt.
         temperature: Softmax temperature for every similarity.
+        feature_layers: 1-indexed vision blocks whose patch features the method reads; ``None`` for the last.
+
+    Raises:
+        ValueError: If a setting is out of range for the backbone; raised before any weights load.
     """
 
     def __init__(
@@ -57,18 +62,23 @@ class PromptedCLIP(nn.Module):
         text_depth: int,
         text_n_ctx: int,
         temperature: float = 0.07,
+        feature_layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        geometry = backbone_geometry(backbone)
+        image_size = geometry.check_image_size(image_size)
+        dpam_layers = geometry.check_vision_blocks("dpam_layers", dpam_layers)
+        feature_layers = check_layers("feature_layers", feature_layers, geometry.vision_depth)
+        text_depth = check_int("text_depth", text_depth, 1, geometry.text_depth, "the text blocks of this backbone")
+        text_n_ctx = check_int(
+            "text_n_ctx", text_n_ctx, 1, geometry.context_length - 1, "the text tokens after the start token"
+        )
+        temperature = check_float("temperature", temperature, low_open=True, why="of every softmax")
         clip = build_clip(backbone, pretrained)
         self.vision = DPAMVisionEncoder(clip.visual, dpam_layers)
         self.text = PromptedTextEncoder(clip, backbone)
-        if image_size % self.vision.patch_size:
-            msg = f"image_size {image_size} is not a multiple of the backbone's patch size {self.vision.patch_size}."
-            raise ValueError(msg)
-        if not 1 <= text_depth <= self.text.depth:
-            msg = f"text_depth must be in 1..{self.text.depth} for this backbone, got {text_depth}."
-            raise ValueError(msg)
         self.image_size = image_size
+        self.feature_layers = feature_layers
         self.temperature = temperature
         self.deep_prompts = nn.ParameterList(
             nn.Parameter(torch.randn(text_n_ctx, self.text.width) * 0.02) for _ in range(text_depth - 1)
@@ -153,8 +163,16 @@ class PromptedCLIP(nn.Module):
         """Learned parameters only (prompts, prior network): the content of a prompt file."""
         return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
 
-    def load_prompt_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    def load_prompt_state_dict(
+        self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint", trained: bool = True
+    ) -> None:
         """Load learned parameters, explaining which setting differs when shapes do not fit.
+
+        Args:
+            state_dict: Learned parameters by name (see :meth:`prompt_state_dict`).
+            source: What they come from, for messages.
+            trained: Whether they are trained prompts; sets ``prompts_ready``. A file saved from an
+                untrained model loads with ``False`` and does not count as trained.
 
         Raises:
             ValueError: If the checkpoint was made with other settings or for another method.
@@ -193,7 +211,7 @@ class PromptedCLIP(nn.Module):
         with torch.no_grad():
             for name, parameter in own.items():
                 parameter.copy_(state_dict[name])
-            self.prompts_ready.fill_(True)
+            self.prompts_ready.fill_(trained)
 
     def convert_released_state_dict(self, prompt_learner: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map the authors' ``prompt_learner`` keys to this model's parameter names."""

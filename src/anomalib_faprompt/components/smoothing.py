@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalib_faprompt.clip.settings import check_float
+
 
 def _symmetric_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
     """Pad by mirroring with the edge sample repeated (scipy's ``reflect``)."""
@@ -32,13 +34,23 @@ class GaussianSmoothing(nn.Module):
     """Separable Gaussian blur of (B, H, W) maps; ``sigma=0`` is the identity.
 
     Args:
-        sigma: Standard deviation in pixels.
+        sigma: Standard deviation in pixels, finite and >= 0.
         truncate: Kernel radius in standard deviations (scipy's default 4).
+        max_size: Smallest map side the filter will see, if known (the models' ``image_size``): a
+            kernel wider than the map is refused here rather than at the first forward.
+
+    Raises:
+        ValueError: If ``sigma`` or ``truncate`` is negative or not finite, or the kernel exceeds ``max_size``.
     """
 
-    def __init__(self, sigma: float, truncate: float = 4.0) -> None:
+    def __init__(self, sigma: float, truncate: float = 4.0, max_size: int | None = None) -> None:
         super().__init__()
-        self.sigma = float(sigma)
+        truncate = check_float("truncate", truncate, low_open=True, why="kernel radius in standard deviations")
+        why = "in pixels; 0 disables smoothing"
+        if max_size is not None:
+            why += f"; the kernel, {truncate:g} sigma each side, must fit the {max_size} px map"
+        high = None if max_size is None else max_size / truncate
+        self.sigma = check_float("sigma", sigma, high=high, why=why)
         self.radius = int(truncate * self.sigma + 0.5) if self.sigma > 0 else 0
         offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
         kernel = torch.exp(-0.5 * (offsets / max(self.sigma, 1e-12)) ** 2)

@@ -8,10 +8,15 @@ Paper: https://arxiv.org/abs/2310.18961
 
 Example:
     >>> from anomalib_faprompt import AnomalyCLIP
-    >>> model = AnomalyCLIP(backbone="ViT-B-16", pretrained=None, image_size=224,
-    ...                     feature_layers=(6, 12), dpam_layers=10)
+    >>> model = AnomalyCLIP(backbone="ViT-B-16", pretrained=None, image_size=224, dpam_layers=10)
+    >>> model.model.feature_layers  # the released method: the last of ViT-B/16's 12 blocks
+    (12,)
     >>> model.learning_type.value
     'one_class'
+
+    The paper's four-layer variant (ViT-L/14, 24 blocks) is one setting away:
+
+    >>> model = AnomalyCLIP(feature_layers=[6, 12, 18, 24])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
+from anomalib_faprompt.clip.settings import backbone_geometry, check_int, check_layers, check_training
 from anomalib_faprompt.models.prompt_module import PromptLearningMixin
 
 from .loss import AnomalyCLIPLoss
@@ -41,8 +47,11 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         pretrained: open_clip pretrained tag, path to a weights file (OpenAI JIT archive or state
             dict), or ``None`` for random weights.
         image_size: Square input size; the pre-processor resizes to it.
-        feature_layers: 1-indexed vision blocks whose patch features make the maps. The paper uses
-            (6, 12, 18, 24); the released checkpoints effectively used (24,) (see the README).
+        feature_layers: 1-indexed vision blocks whose patch features make the maps (one map per block,
+            summed). ``None``, the default, is the backbone's last block (24 for ViT-L/14): the method as
+            released, with which the authors produced every reported result and their checkpoints.
+            ``[6, 12, 18, 24]`` is the four-layer variant of the paper's early versions (see the README).
+            The resolved blocks are recorded in ``hparams``, checkpoints and prompt files.
         dpam_layers: Number of final vision blocks running DPAM's V-V path.
         n_ctx: Length of the learnable normal and abnormal contexts.
         text_depth: Text blocks that see learnable tokens.
@@ -52,13 +61,23 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
             files from ``save_prompt_weights`` or Lightning checkpoints). With it the model is zero-shot.
         learning_rate: Adam learning rate.
         betas: Adam betas.
-        allow_untrained_prompts: Allow testing/predicting with untrained prompts (experiments only).
+        allow_untrained_prompts: Allow testing/predicting with untrained prompts, loading a prompt file saved
+            untrained, and saving untrained prompts (the file records them as untrained) (experiments only).
+            Prompts count as trained once an optimiser step has changed them, or when loaded trained.
+        allow_setting_mismatch: Load ``prompt_weights`` (or a checkpoint) learned with other settings anyway.
+            Prompt files and checkpoints record the CLIP architecture and weights (config hash; weights
+            file size and hash of its first and last MiB, or open_clip tag), ``image_size`` and the layer and
+            prompt-length settings, and by default loading them into a model with other values is refused,
+            naming each setting. Released checkpoints and version-1 prompt files record no CLIP identity.
         max_epochs: Epochs of prompt learning. ``None`` leaves it to the trainer (15 in ``configs/``); when
             set it overrides the trainer's value, for runners that take no trainer config (``anomalib benchmark``).
         pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for image AUROC/F1, pixel AUROC and AUPRO.
         visualizer: Visualizer, or ``True`` for anomalib's default.
+
+    Raises:
+        ValueError: If a setting is out of range (for the backbone), before any CLIP weights load.
     """
 
     method_name = "AnomalyCLIP"
@@ -68,7 +87,7 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         backbone: str = "ViT-L-14-336",
         pretrained: str | None = "openai",
         image_size: int = 518,
-        feature_layers: Sequence[int] = (6, 12, 18, 24),
+        feature_layers: Sequence[int] | None = None,
         dpam_layers: int = 19,
         n_ctx: int = 12,
         text_depth: int = 9,
@@ -78,12 +97,18 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         learning_rate: float = 1e-3,
         betas: Sequence[float] = (0.5, 0.999),
         allow_untrained_prompts: bool = False,
+        allow_setting_mismatch: bool = False,
         max_epochs: int | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        # Checked before anything is built; the normalised values are what hparams and checkpoints record
+        # (plain Python: no OmegaConf containers from YAML, the last block rather than None).
+        image_size = check_int("image_size", image_size)
+        learning_rate, betas, max_epochs = check_training(learning_rate, betas, max_epochs)
+        feature_layers = list(check_layers("feature_layers", feature_layers, backbone_geometry(backbone).vision_depth))
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
         super().__init__(
@@ -106,7 +131,7 @@ class AnomalyCLIP(PromptLearningMixin, AnomalibModule):
         self.loss = AnomalyCLIPLoss()
         self.learning_rate = learning_rate
         self.betas = betas
-        self._init_prompts(prompt_weights, allow_untrained_prompts, max_epochs)
+        self._init_prompts(prompt_weights, allow_untrained_prompts, max_epochs, allow_setting_mismatch)
 
     def training_losses(
         self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor

@@ -3,8 +3,9 @@
 Example:
     >>> import torch
     >>> from anomalib_faprompt.models.anomaly_clip.torch_model import AnomalyCLIPModel
-    >>> model = AnomalyCLIPModel(backbone="ViT-B-16", pretrained=None, image_size=224,
-    ...                          feature_layers=(6, 12), dpam_layers=10).eval()
+    >>> model = AnomalyCLIPModel(backbone="ViT-B-16", pretrained=None, image_size=224, dpam_layers=10).eval()
+    >>> model.feature_layers  # the last of ViT-B/16's 12 blocks
+    (12,)
     >>> output = model(torch.randn(2, 3, 224, 224))
     >>> output.pred_score.shape, output.anomaly_map.shape
     (torch.Size([2]), torch.Size([2, 224, 224]))
@@ -23,7 +24,11 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.clip.settings import backbone_geometry
 from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, similarity_logits, upsample_maps
+
+#: Tokens of the abnormal template's fixed words, "damaged object." (CLIP's BPE: damaged, object, ".").
+TEMPLATE_TOKENS = 3
 
 
 @dataclass
@@ -60,13 +65,18 @@ class AnomalyCLIPModel(PromptedCLIP):
         backbone: open_clip architecture name or path to an open_clip JSON config.
         pretrained: open_clip tag, weights file, or ``None`` for random weights.
         image_size: Square input size.
-        feature_layers: 1-indexed vision blocks whose patch features make the maps.
+        feature_layers: 1-indexed vision blocks whose patch features make the maps; ``None`` (the default)
+            is the last block, the released method. ``(6, 12, 18, 24)`` is the paper's four-layer variant
+            for ViT-L/14.
         dpam_layers: Number of final vision blocks running the V-V path.
         n_ctx: Length of the learnable normal and abnormal contexts.
         text_depth: Text blocks that see deep prompts (the first sees the template's own embeddings).
         text_n_ctx: Length of each deep prompt.
         sigma: Gaussian smoothing of the map in pixels (0 disables it).
         temperature: Softmax temperature.
+
+    Raises:
+        ValueError: If a setting is out of range (for the backbone); raised before any weights load.
     """
 
     def __init__(
@@ -74,7 +84,7 @@ class AnomalyCLIPModel(PromptedCLIP):
         backbone: str | Path = "ViT-L-14-336",
         pretrained: str | Path | None = "openai",
         image_size: int = 518,
-        feature_layers: Sequence[int] = (6, 12, 18, 24),
+        feature_layers: Sequence[int] | None = None,
         dpam_layers: int = 19,
         n_ctx: int = 12,
         text_depth: int = 9,
@@ -82,14 +92,18 @@ class AnomalyCLIPModel(PromptedCLIP):
         sigma: float = 4.0,
         temperature: float = 0.07,
     ) -> None:
-        super().__init__(backbone, pretrained, image_size, dpam_layers, text_depth, text_n_ctx, temperature)
-        self.feature_layers = tuple(feature_layers)
+        geometry = backbone_geometry(backbone)
+        n_ctx = geometry.check_context("n_ctx", n_ctx, TEMPLATE_TOKENS)
+        smoothing = GaussianSmoothing(sigma, max_size=geometry.check_image_size(image_size))
+        super().__init__(
+            backbone, pretrained, image_size, dpam_layers, text_depth, text_n_ctx, temperature, feature_layers
+        )
         placeholders = "X " * n_ctx
         self.normal_template = self.text.template(f"{placeholders}object.", n_ctx)
         self.abnormal_template = self.text.template(f"{placeholders}damaged object.", n_ctx)
         self.normal_context = nn.Parameter(torch.randn(n_ctx, self.text.width) * 0.02)
         self.abnormal_context = nn.Parameter(torch.randn(n_ctx, self.text.width) * 0.02)
-        self.smoothing = GaussianSmoothing(sigma)
+        self.smoothing = smoothing
 
     prompt_dimensions: ClassVar[dict[str, tuple[str, ...]]] = {
         **PromptedCLIP.prompt_dimensions,

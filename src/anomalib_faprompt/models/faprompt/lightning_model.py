@@ -24,6 +24,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
+from anomalib_faprompt.clip.settings import check_int, check_training
 from anomalib_faprompt.models.prompt_module import PromptLearningMixin
 
 from .loss import FAPromptLoss
@@ -53,13 +54,23 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
             files from ``save_prompt_weights`` or Lightning checkpoints). With it the model is zero-shot.
         learning_rate: Adam learning rate.
         betas: Adam betas.
-        allow_untrained_prompts: Allow testing/predicting with untrained prompts (experiments only).
+        allow_untrained_prompts: Allow testing/predicting with untrained prompts, loading a prompt file saved
+            untrained, and saving untrained prompts (the file records them as untrained) (experiments only).
+            Prompts count as trained once an optimiser step has changed them, or when loaded trained.
+        allow_setting_mismatch: Load ``prompt_weights`` (or a checkpoint) learned with other settings anyway.
+            Prompt files and checkpoints record the CLIP architecture and weights (config hash; weights
+            file size and hash of its first and last MiB, or open_clip tag), ``image_size`` and the layer and
+            prompt-length settings, and by default loading them into a model with other values is refused,
+            naming each setting. Released checkpoints and version-1 prompt files record no CLIP identity.
         max_epochs: Epochs of prompt learning. ``None`` leaves it to the trainer (15 in ``configs/``); when
             set it overrides the trainer's value, for runners that take no trainer config (``anomalib benchmark``).
         pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for image AUROC/F1, pixel AUROC and AUPRO.
         visualizer: Visualizer, or ``True`` for anomalib's default.
+
+    Raises:
+        ValueError: If a setting is out of range (for the backbone), before any CLIP weights load.
     """
 
     method_name = "FAPrompt"
@@ -81,12 +92,16 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
         learning_rate: float = 1e-3,
         betas: Sequence[float] = (0.5, 0.999),
         allow_untrained_prompts: bool = False,
+        allow_setting_mismatch: bool = False,
         max_epochs: int | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        # Checked before anything is built; the normalised values are what hparams and checkpoints record.
+        image_size = check_int("image_size", image_size)
+        learning_rate, betas, max_epochs = check_training(learning_rate, betas, max_epochs)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
         super().__init__(
@@ -111,7 +126,7 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
         self.loss = FAPromptLoss()
         self.learning_rate = learning_rate
         self.betas = betas
-        self._init_prompts(prompt_weights, allow_untrained_prompts, max_epochs)
+        self._init_prompts(prompt_weights, allow_untrained_prompts, max_epochs, allow_setting_mismatch)
 
     def training_losses(
         self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor

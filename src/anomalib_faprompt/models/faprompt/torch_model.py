@@ -27,7 +27,11 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.clip.settings import backbone_geometry, check_int
 from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, similarity_logits, upsample_maps
+
+#: Tokens of the abnormal template's fixed words, "damaged object." (CLIP's BPE: damaged, object, ".").
+TEMPLATE_TOKENS = 3
 
 
 @dataclass
@@ -104,6 +108,9 @@ class FAPromptModel(PromptedCLIP):
         text_n_ctx: Length of each deep prompt.
         sigma: Gaussian smoothing of the map in pixels (0 disables it).
         temperature: Softmax temperature.
+
+    Raises:
+        ValueError: If a setting is out of range (for the backbone); raised before any weights load.
     """
 
     def __init__(
@@ -121,16 +128,21 @@ class FAPromptModel(PromptedCLIP):
         sigma: float = 10.0,
         temperature: float = 0.07,
     ) -> None:
+        geometry = backbone_geometry(backbone)
+        image_size = geometry.check_image_size(image_size)
+        n_ctx_normal = geometry.check_context("n_ctx_normal", n_ctx_normal, TEMPLATE_TOKENS + 1)
+        n_ctx_abnormal = geometry.check_context(
+            "n_ctx_abnormal", n_ctx_abnormal, TEMPLATE_TOKENS + n_ctx_normal, f"with n_ctx_normal={n_ctx_normal}"
+        )
+        n_abnormal_prompts = check_int("n_abnormal_prompts", n_abnormal_prompts)
+        patches = (image_size // geometry.patch_size) ** 2
+        n_prior_patches = check_int(
+            "n_prior_patches", n_prior_patches, 1, patches, f"the patches at image_size={image_size}"
+        )
+        smoothing = GaussianSmoothing(sigma, max_size=image_size)
+        # feature_layers=None: patch features come from the last block only.
         super().__init__(backbone, pretrained, image_size, dpam_layers, text_depth, text_n_ctx, temperature)
-        grid = image_size // self.vision.patch_size
-        if not 1 <= n_prior_patches <= grid * grid:
-            msg = (
-                f"n_prior_patches must be in 1..{grid * grid} (the patches at image_size={image_size}), "
-                f"got {n_prior_patches}."
-            )
-            raise ValueError(msg)
         self.n_prior_patches = n_prior_patches
-        self.feature_layers = (self.vision.depth,)
         width = self.text.width
         normal_words = "X " * n_ctx_normal
         abnormal_words = "X " * n_ctx_abnormal
@@ -142,7 +154,7 @@ class FAPromptModel(PromptedCLIP):
         self.abnormal_context = nn.Parameter(torch.randn(n_abnormal_prompts, n_ctx_abnormal, width) * 0.02)
         embed_dim = self.vision.visual.proj.shape[1]
         self.prior = PriorNetwork(n_prior_patches * embed_dim, width)
-        self.smoothing = GaussianSmoothing(sigma)
+        self.smoothing = smoothing
 
     prompt_dimensions: ClassVar[dict[str, tuple[str, ...]]] = {
         **PromptedCLIP.prompt_dimensions,
