@@ -1,6 +1,14 @@
-"""Data for the zero-shot protocol: auxiliary training datamodule and synthetic categories."""
+"""Data for the zero-shot protocol: auxiliary training datamodule, synthetic categories, input checks."""
 
 from .auxiliary import AuxiliaryDataModule
 from .synthetic import CATEGORIES, DEFECTS, generate_synthetic_dataset
+from .validation import DataValidationError, validate_samples
 
-__all__ = ["CATEGORIES", "DEFECTS", "AuxiliaryDataModule", "generate_synthetic_dataset"]
+__all__ = [
+    "CATEGORIES",
+    "DEFECTS",
+    "AuxiliaryDataModule",
+    "DataValidationError",
+    "generate_synthetic_dataset",
+    "validate_samples",
+]
