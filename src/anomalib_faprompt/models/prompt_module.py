@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.data.validation import validate_trainer_data
 from anomalib_faprompt.prompt_weights import load_prompt_weights, save_prompt_weights
 
 if TYPE_CHECKING:
@@ -190,19 +191,23 @@ class PromptLearningMixin:
     def on_fit_start(self) -> None:
         """Refuse one-class train splits before any work is done."""
         self._check_train_split()
+        validate_trainer_data(self.trainer, "fit")
 
     def on_validation_start(self) -> None:
         """Validation outside of fitting needs usable prompts."""
         if self.trainer.state.fn != "fit":
             self._check_prompts_ready("validate")
+        validate_trainer_data(self.trainer, "validate")
 
     def on_test_start(self) -> None:
         """Testing needs usable prompts."""
         self._check_prompts_ready("test")
+        validate_trainer_data(self.trainer, "test")
 
     def on_predict_start(self) -> None:
         """Prediction needs usable prompts."""
         self._check_prompts_ready("predict")
+        validate_trainer_data(self.trainer, "predict")
 
     def val_dataloader(self) -> list:
         """No validation data of the model's own.
