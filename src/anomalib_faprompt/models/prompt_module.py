@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.metrics import Evaluator, F1Score
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics
 from anomalib_faprompt.data.validation import validate_trainer_data
 from anomalib_faprompt.prompt_weights import load_prompt_weights, save_prompt_weights
 
@@ -128,15 +129,15 @@ class PromptLearningMixin:
         return PostProcessor()
 
     @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Image AUROC and F1, pixel AUROC and AUPRO on the test set."""
-        return Evaluator(
-            test_metrics=[
-                AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-                F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-                AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-                AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            ],
+    def configure_evaluator() -> RawOutputEvaluator:
+        """The papers' metrics (image AUROC and AP, pixel AUROC and AUPRO) on raw outputs, and image F1.
+
+        Threshold-free metrics see the raw scores and maps, as in the ``zero_shot`` table (see
+        :class:`~anomalib_faprompt.components.metrics.RawOutputEvaluator`); F1 needs the post-processor's labels.
+        Pixel metrics are skipped for data without masks.
+        """
+        return RawOutputEvaluator(
+            test_metrics=[*paper_metrics(strict=False), F1Score(fields=["pred_label", "gt_label"], prefix="image_")]
         )
 
     @property
@@ -183,9 +184,18 @@ class PromptLearningMixin:
             raise UntrainedPromptsError(msg)
 
     def configure_callbacks(self) -> list[Callback]:
-        """Anomalib's component callbacks plus the prompt-file writer."""
+        """Anomalib's component callbacks, raw-output metrics before the post-processor, and the prompt-file writer.
+
+        An evaluator given by the user (or set later, as pipelines do) gets the same treatment as the default one:
+        its threshold-free metrics are computed on raw outputs, so every path reports the same numbers.
+        """
+        if isinstance(self.evaluator, Evaluator):
+            self.evaluator = RawOutputEvaluator.from_evaluator(self.evaluator)
         callbacks = super().configure_callbacks()
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        if isinstance(self.evaluator, RawOutputEvaluator):
+            position = next((i for i, callback in enumerate(callbacks) if callback is self.post_processor), 0)
+            callbacks.insert(position, self.evaluator.before_post_processing)
         return [*callbacks, PromptWeightsCheckpoint()]
 
     def on_fit_start(self) -> None:

@@ -1,0 +1,144 @@
+"""The papers' metrics, computed on the models' raw outputs whatever the path that runs them.
+
+anomalib updates an evaluator's metrics *after* the post-processor, which min-max normalises scores and maps with
+statistics of the validation data and clamps them to [0, 1]. Clamping ties every value beyond the calibration range,
+so AUROC, AP and AUPRO would depend on the validation split (a zero-shot model validated on a few target images
+reports other numbers than on its raw outputs). :class:`RawOutputEvaluator` updates the threshold-free metrics from
+the raw outputs, before post-processing, and only the metrics of labels and masks (F1) after it.
+
+Example:
+    >>> from anomalib_faprompt.components.metrics import PAPER_METRICS, paper_evaluator
+    >>> evaluator = paper_evaluator()
+    >>> [metric.name for metric in evaluator.test_metrics] == list(PAPER_METRICS)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from anomalib.metrics import AUPRO, AUROC, Evaluator
+from anomalib.metrics.base import AnomalibMetric
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torchmetrics.classification import BinaryAveragePrecision
+
+#: The four metrics of the AnomalyCLIP and FAPrompt papers, as reported by every path of this project.
+PAPER_METRICS = ("image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO")
+
+#: Batch fields that only the post-processor fills (thresholded labels and masks).
+POST_PROCESSED_FIELDS = frozenset({"pred_label", "pred_mask"})
+
+
+class AP(AnomalibMetric, BinaryAveragePrecision):  # type: ignore[misc]
+    """Average precision (scikit-learn's definition) as an anomalib metric; reported as ``<prefix>AP``."""
+
+
+def paper_metrics(strict: bool = True) -> list[AnomalibMetric]:
+    """Image AUROC and AP, pixel AUROC and AUPRO (FPR ≤ 0.3), named as in :data:`PAPER_METRICS`.
+
+    Args:
+        strict: Whether a batch without masks is an error for the pixel metrics (``False`` skips them, for
+            datasets without masks).
+    """
+    return [
+        AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+        AP(fields=["pred_score", "gt_label"], prefix="image_"),
+        AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=strict),
+        AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3, strict=strict),
+    ]
+
+
+def _reads_raw_outputs(metric: AnomalibMetric) -> bool:
+    return not POST_PROCESSED_FIELDS & set(metric.fields)
+
+
+class _UpdateBeforePostProcessing(Callback):
+    """Updates the evaluator's threshold-free metrics; the model orders it before its post-processor."""
+
+    def __init__(self, evaluator: RawOutputEvaluator) -> None:
+        self.evaluator = evaluator
+
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__qualname__}[{id(self.evaluator)}]"
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        """Update the raw-output validation metrics."""
+        del trainer, pl_module, outputs, args, kwargs
+        self.evaluator.update(self.evaluator.val_metrics, batch, raw=True)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        """Update the raw-output test metrics."""
+        del trainer, pl_module, outputs, args, kwargs
+        self.evaluator.update(self.evaluator.test_metrics, batch, raw=True)
+
+
+class RawOutputEvaluator(Evaluator):
+    """anomalib's evaluator, with threshold-free metrics on the raw outputs (see the module docstring).
+
+    The model places :attr:`before_post_processing` before its post-processor among its callbacks. Where nothing
+    does (a model that does not know this class), every metric is updated after post-processing, as in anomalib.
+
+    Args:
+        val_metrics: Validation metrics.
+        test_metrics: Test metrics.
+        compute_on_cpu: Whether to compute metrics on the CPU.
+
+    Example:
+        >>> from anomalib.metrics import F1Score
+        >>> evaluator = RawOutputEvaluator(test_metrics=[*paper_metrics(), F1Score(fields=["pred_label", "gt_label"])])
+        >>> len(evaluator.test_metrics)
+        5
+    """
+
+    def __init__(
+        self,
+        val_metrics: AnomalibMetric | Sequence[AnomalibMetric] | None = None,
+        test_metrics: AnomalibMetric | Sequence[AnomalibMetric] | None = None,
+        compute_on_cpu: bool = True,
+    ) -> None:
+        super().__init__(val_metrics=val_metrics, test_metrics=test_metrics, compute_on_cpu=compute_on_cpu)
+        self.before_post_processing = _UpdateBeforePostProcessing(self)
+        self._raw_updated = False
+
+    @classmethod
+    def from_evaluator(cls, evaluator: Evaluator) -> RawOutputEvaluator:
+        """The same metrics (the same metric objects) in a :class:`RawOutputEvaluator`."""
+        if isinstance(evaluator, cls):
+            return evaluator
+        return cls(list(evaluator.val_metrics), list(evaluator.test_metrics), evaluator.compute_on_cpu)
+
+    def update(self, metrics: Sequence[AnomalibMetric], batch: Any, raw: bool) -> None:
+        """Update the metrics that read raw outputs (``raw=True``) or post-processed ones (``raw=False``).
+
+        After post-processing, metrics of raw outputs are updated too if no update came before it for this batch
+        (no callback ordered before the post-processor), so that no metric is ever left without data.
+        """
+        if raw:
+            self._raw_updated = True
+        for metric in metrics:
+            reads_raw = _reads_raw_outputs(metric)
+            if reads_raw == raw or (not raw and reads_raw and not self._raw_updated):
+                metric.update(batch)
+        if not raw:
+            self._raw_updated = False
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        """Update the validation metrics of labels and masks (and raw ones not updated before post-processing)."""
+        del trainer, pl_module, outputs, args, kwargs
+        self.update(self.val_metrics, batch, raw=False)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        """Update the test metrics of labels and masks (and raw ones not updated before post-processing)."""
+        del trainer, pl_module, outputs, args, kwargs
+        self.update(self.test_metrics, batch, raw=False)
+
+
+def paper_evaluator() -> RawOutputEvaluator:
+    """The papers' four metrics (:data:`PAPER_METRICS`) on raw outputs, as in the ``zero_shot`` table."""
+    return RawOutputEvaluator(test_metrics=paper_metrics())
