@@ -24,7 +24,16 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics
 from anomalib_faprompt.data.validation import validate_trainer_data
-from anomalib_faprompt.prompt_weights import load_prompt_weights, save_prompt_weights
+from anomalib_faprompt.prompt_weights import (
+    NonFiniteValuesError,
+    check_finite,
+    check_settings,
+    clip_identity,
+    hyper_parameter_settings,
+    load_prompt_weights,
+    plain_data,
+    save_prompt_weights,
+)
 
 if TYPE_CHECKING:
     from anomalib import TaskType
@@ -50,19 +59,40 @@ ZERO_SHOT_PROTOCOL = (
 )
 
 
+#: Settings prompts depend on beyond the method and the CLIP (:func:`clip_identity`): recorded in prompt files
+#: and checkpoints and compared when they load. Training settings (learning rate, epochs) and ``sigma``
+#: (smoothing after the prompts, not seen by training) are not among them.
+PROMPT_SETTINGS = (
+    "image_size",
+    "feature_layers",
+    "dpam_layers",
+    "text_depth",
+    "text_n_ctx",
+    "n_ctx",
+    "n_ctx_normal",
+    "n_ctx_abnormal",
+    "n_abnormal_prompts",
+    "n_prior_patches",
+)
+
+
 class UntrainedPromptsError(RuntimeError):
     """The model was asked to score images with prompts that were neither trained nor loaded."""
 
 
 class PromptWeightsCheckpoint(Callback):
-    """Write the learned prompts as a small ``prompts.pt`` next to each Lightning checkpoint."""
+    """Write the learned prompts as a small ``prompts.pt`` next to each Lightning checkpoint (trained ones only)."""
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Save the prompt file into the checkpoint callback's folder."""
         del checkpoint
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if dirpath is not None and trainer.is_global_zero:
-            pl_module.save_prompt_weights(Path(dirpath) / "prompts.pt")
+        if dirpath is None or not trainer.is_global_zero:
+            return
+        if not bool(pl_module.model.prompts_ready):
+            logger.warning("Not writing %s/prompts.pt: no optimiser step has updated the prompts yet.", dirpath)
+            return
+        pl_module.save_prompt_weights(Path(dirpath) / "prompts.pt")
 
 
 class PromptLearningMixin:
@@ -72,14 +102,50 @@ class PromptLearningMixin:
     method_name: str
 
     def _init_prompts(
-        self, prompt_weights: str | Path | None, allow_untrained_prompts: bool, max_epochs: int | None
+        self,
+        prompt_weights: str | Path | None,
+        allow_untrained_prompts: bool,
+        max_epochs: int | None,
+        allow_setting_mismatch: bool = False,
     ) -> None:
+        # Checkpoints are read with weights_only=True, which refuses OmegaConf containers (YAML configs pass
+        # lists as ListConfig) and anything but plain Python: store plain values so every path can reload them.
+        self.hparams.update(plain_data(dict(self.hparams)))
         self.prompt_weights = prompt_weights
         self.max_epochs = max_epochs
         self.allow_untrained_prompts = allow_untrained_prompts
+        self.allow_setting_mismatch = allow_setting_mismatch
+        self._clip_identity = clip_identity(self.hparams["backbone"], self.hparams["pretrained"])
+        self._step_hooks: list[Any] = []
+        self._initial_prompts: dict[str, torch.Tensor] | None = None
         if prompt_weights is not None:
-            load_prompt_weights(self.model, prompt_weights, self.method_name)
+            loaded = load_prompt_weights(
+                self.model,
+                prompt_weights,
+                self.method_name,
+                self.prompt_settings(),
+                allow_setting_mismatch=allow_setting_mismatch,
+            )
+            if not loaded.trained and not allow_untrained_prompts:
+                msg = (
+                    f"'{prompt_weights}' holds untrained prompts (saved from a model that made no optimiser step, "
+                    "with allow_untrained_prompts=True); their scores would be meaningless. Load trained prompts, "
+                    "or pass allow_untrained_prompts=True for experiments."
+                )
+                raise UntrainedPromptsError(msg)
         self._default_thresholds()
+
+    def prompt_settings(self) -> dict[str, Any]:
+        """The settings the prompts depend on: method, CLIP identity and :data:`PROMPT_SETTINGS`.
+
+        Recorded in prompt files and Lightning checkpoints; loading prompts recorded with other values
+        is refused unless the model was built with ``allow_setting_mismatch=True``.
+        """
+        return {
+            "method": self.method_name,
+            **self._clip_identity,
+            **hyper_parameter_settings(self.hparams, PROMPT_SETTINGS),
+        }
 
     def _default_thresholds(self) -> None:
         """Give the post-processor the scale of the outputs until validation data calibrates it.
@@ -239,29 +305,173 @@ class PromptLearningMixin:
         masks = masks.squeeze(1) if masks.dim() == 4 else masks
         return masks, batch.gt_label.long()
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        """After the first update the prompts count as trained."""
-        del args, kwargs
-        self.model.prompts_ready.fill_(True)
+    # Trained means: an optimiser step changed the prompts ----------------------------------------------------
+
+    def on_train_start(self) -> None:
+        """Watch the optimisers' steps: the prompts count as trained once a step has changed them."""
+        self._watch_optimizer_steps(self.trainer.optimizers)
+
+    def on_train_end(self) -> None:
+        """Stop watching the optimisers."""
+        self._unwatch_optimizer_steps()
+
+    def _watch_optimizer_steps(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        # Why a post-step hook on the torch optimiser and a comparison with the initial values: a training batch
+        # is not an update. Gradient accumulation steps every few batches, AMP's GradScaler skips
+        # optimizer.step() when a gradient is inf/NaN, manual optimisation steps where it chooses, and a step
+        # whose parameters have no gradient changes nothing. The hook runs only after a real optimizer.step(),
+        # whoever calls it, and the comparison makes sure that step changed the learned values.
+        self._unwatch_optimizer_steps()
+        if bool(self.model.prompts_ready):
+            return
+        self._initial_prompts = self.model.prompt_state_dict()
+        self._step_hooks = [optimizer.register_step_post_hook(self._after_optimizer_step) for optimizer in optimizers]
+
+    def _unwatch_optimizer_steps(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks, self._initial_prompts = [], None
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        del optimizer, args, kwargs
+        initial = self._initial_prompts
+        if initial is None:
+            return
+        current = dict(self.model.named_parameters())
+        if any(not torch.equal(current[name].detach(), value) for name, value in initial.items()):
+            self.model.prompts_ready.fill_(True)
+            self._unwatch_optimizer_steps()
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """One prompt-learning step on labelled images with masks (the method's ``training_losses``)."""
         del args, kwargs
+        self._check_finite_input(batch, "train")
         masks, labels = self._training_targets(batch)
         losses = self.training_losses(batch.image, masks, labels)
         self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
         return losses
 
+    # Scoring: non-finite values raise instead of being scored -------------------------------------------------
+
+    def _describe_images(self, batch: Batch, indices: list[int]) -> str:
+        paths = getattr(batch, "image_path", None)
+        if paths is not None and len(paths) == len(batch.image):
+            return ", ".join(str(paths[index]) for index in indices)
+        return f"images {indices} of the batch (no file paths)"
+
+    def _check_finite_input(self, batch: Batch, stage: str) -> None:
+        finite = torch.isfinite(batch.image).flatten(1).all(dim=1)
+        if bool(finite.all()):
+            return
+        bad = torch.nonzero(~finite).flatten().tolist()
+        msg = (
+            f"{self.method_name} cannot {stage}: {len(bad)} input image(s) hold non-finite values (NaN or inf) after "
+            f"pre-processing: {self._describe_images(batch, bad)}. Their scores would be NaN, which anomalib's "
+            "post-processor labels normal. Check these files and the transforms of the pre-processor and dataset."
+        )
+        raise NonFiniteValuesError(msg)
+
+    def _check_finite_output(self, batch: Batch, predictions: Any, stage: str) -> None:
+        outputs = [predictions.pred_score.reshape(len(batch.image), -1), predictions.anomaly_map.flatten(1)]
+        finite = torch.cat([torch.isfinite(output) for output in outputs], dim=1).all(dim=1)
+        if bool(finite.all()):
+            return
+        bad = torch.nonzero(~finite).flatten().tolist()
+        prompts = [
+            name for name, value in self.model.prompt_state_dict().items() if not bool(torch.isfinite(value).all())
+        ]
+        cause = (
+            f"The prompts hold non-finite values ({', '.join(prompts)}): training diverged or they were altered."
+            if prompts
+            else "The prompts are finite; the model overflowed (e.g. under reduced precision)."
+        )
+        msg = (
+            f"{self.method_name} cannot {stage}: non-finite outputs (NaN or inf scores or maps) for {len(bad)} "
+            f"image(s) with finite inputs: {self._describe_images(batch, bad)}. {cause}"
+        )
+        raise NonFiniteValuesError(msg)
+
+    def _score(self, batch: Batch, stage: str) -> Batch:
+        """Score ``batch`` after checking that its images, and then the scores and maps, are finite.
+
+        The checks run here, in the Lightning steps, not in the torch model's ``forward``: ``torch.export``
+        cannot trace a Python ``if`` on tensor values. An exported model (``to_torch``/``to_onnx``/
+        ``to_openvino``) does not check: a NaN or infinite pixel gives a NaN score and NaN map values, and the
+        post-processing in the exported graph labels them normal (a comparison with NaN is false). Check inputs
+        before inference there (e.g. ``np.isfinite(image).all()``).
+
+        Raises:
+            NonFiniteValuesError: Naming the batch's image files (when known) with non-finite inputs or outputs.
+        """
+        self._check_finite_input(batch, stage)
+        predictions = self.model(batch.image)
+        self._check_finite_output(batch, predictions, stage)
+        return batch.update(**predictions._asdict())
+
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """Score the validation batch (anomalib uses it for thresholds and normalisation)."""
         del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
+        return self._score(batch, "validate")
+
+    def test_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
+        """Score the test batch; non-finite inputs or outputs raise (see :meth:`_score`)."""
+        del args, kwargs
+        return self._score(batch, "test")
+
+    def predict_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
+        """Score the batch to predict; non-finite inputs or outputs raise (see :meth:`_score`)."""
+        del args, kwargs
+        return self._score(batch, "predict")
+
+    # Prompt files and checkpoints -----------------------------------------------------------------------------
 
     def save_prompt_weights(self, path: str | Path) -> Path:
-        """Write the learned prompts to a small file loadable with ``prompt_weights=``."""
-        settings = {k: v for k, v in self.hparams.items() if k not in {"prompt_weights", "allow_untrained_prompts"}}
-        return save_prompt_weights(self.model, path, self.method_name, settings)
+        """Write the learned prompts to a small file loadable with ``prompt_weights=``.
+
+        The file records the settings the prompts depend on (:meth:`prompt_settings`), compared when it is
+        loaded, and whether they are trained.
+
+        Raises:
+            UntrainedPromptsError: If no optimiser step changed the prompts and none were loaded, unless the
+                model allows untrained prompts; the file then records them as untrained.
+            NonFiniteValuesError: If a learned value is NaN or infinite.
+        """
+        trained = bool(self.model.prompts_ready)
+        if not trained and not self.allow_untrained_prompts:
+            msg = (
+                f"{self.method_name}: not saving prompts to '{path}': they were neither trained (no optimiser step "
+                "changed them, e.g. max_epochs=0 or every step skipped) nor loaded. Train first, or construct the "
+                "model with allow_untrained_prompts=True to save them marked as untrained."
+            )
+            raise UntrainedPromptsError(msg)
+        ignored = {"prompt_weights", "allow_untrained_prompts", "allow_setting_mismatch"}
+        settings = {k: v for k, v in self.hparams.items() if k not in ignored}
+        return save_prompt_weights(self.model, path, self.method_name, settings, self.prompt_settings(), trained)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store plain hyper-parameters and the settings the prompts depend on."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["hyper_parameters"] = plain_data(checkpoint.get("hyper_parameters", {}))
+        checkpoint["prompt_settings"] = self.prompt_settings()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints with non-finite learned values or learned with other settings.
+
+        Raises:
+            NonFiniteValuesError: If a learned value is NaN or infinite.
+            SettingsMismatchError: If the checkpoint's settings differ from this model's (unless
+                ``allow_setting_mismatch``); checkpoints without ``prompt_settings`` compare their
+                ``hyper_parameters``.
+        """
+        super().on_load_checkpoint(checkpoint)
+        learned = {key: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith("model.")}
+        check_finite(learned, "(Lightning checkpoint)")
+        if not self.allow_setting_mismatch:
+            current = self.prompt_settings()
+            recorded = checkpoint.get("prompt_settings") or hyper_parameter_settings(
+                checkpoint.get("hyper_parameters", {}), tuple(current)
+            )
+            check_settings(recorded, current, "(Lightning checkpoint)")
 
     # Export -------------------------------------------------------------------------------------------------
 
