@@ -219,7 +219,7 @@ def test_boundary_values_are_accepted_and_run(small_clip):
             "max_epochs": 1,
         }
     )
-    assert model.hparams["betas"] == (0.0, 0.5)
+    assert list(model.hparams["betas"]) == [0.0, 0.5]
     assert model.model.abnormal_template.length == 77  # SOT, 72 context words, "damaged object.", EOT
     with torch.no_grad():
         output = model.model.eval()(torch.randn(1, 3, 224, 224))
