@@ -54,9 +54,10 @@ def test_default_feature_layers_are_the_last_block_of_vit_b16(no_download):
     assert model.model.vision.depth == 12
     assert model.model.feature_layers == (12,)
     assert model.hparams["feature_layers"] == [12]
-    assert AnomalyCLIPModel(backbone="ViT-B-16", pretrained=None, image_size=224, dpam_layers=10).feature_layers == (
-        12,
-    )
+
+
+def test_torch_model_defaults_to_the_last_block_too(small_clip):
+    assert AnomalyCLIPModel(**small_clip).feature_layers == (SMALL_DEPTH,)
 
 
 def test_the_papers_four_layers_are_one_setting_away(small_clip):
@@ -225,10 +226,18 @@ def test_boundary_values_are_accepted_and_run(small_clip):
         output = model.model.eval()(torch.randn(1, 3, 224, 224))
     assert torch.isfinite(output.anomaly_map).all()
     assert output.anomaly_map.shape == (1, 224, 224)
-    faprompt = FAPrompt(**small_clip, n_ctx_normal=70, n_ctx_abnormal=2, n_abnormal_prompts=1, n_prior_patches=256)
+    faprompt = FAPrompt(
+        **{**small_clip, "image_size": 112},  # an 8 x 8 grid: every patch goes to the prior network
+        n_ctx_normal=70,
+        n_ctx_abnormal=2,
+        n_abnormal_prompts=1,
+        n_prior_patches=64,
+        sigma=28.0,
+    )
     with torch.no_grad():
-        output = faprompt.model.eval()(torch.randn(1, 3, 224, 224))
+        output = faprompt.model.eval()(torch.randn(1, 3, 112, 112))
     assert torch.isfinite(output.pred_score).all()
+    assert torch.isfinite(output.anomaly_map).all()  # smoothed with the widest kernel the map allows
     assert faprompt.model.abnormal_template.length == 77
 
 
