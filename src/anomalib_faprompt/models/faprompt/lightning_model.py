@@ -63,7 +63,8 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
             prompt-length settings, and by default loading them into a model with other values is refused,
             naming each setting. Released checkpoints and version-1 prompt files record no CLIP identity.
         max_epochs: Epochs of prompt learning. ``None`` leaves it to the trainer (15 in ``configs/``); when
-            set it overrides the trainer's value, for runners that take no trainer config (``anomalib benchmark``).
+            set it overrides the trainer's value, for runners that take no trainer config (``anomalib benchmark``);
+            it must then be at least 1 (zero epochs would learn nothing).
         pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for image AUROC/F1, pixel AUROC and AUPRO.
