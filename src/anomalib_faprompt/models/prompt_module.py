@@ -542,10 +542,19 @@ class PromptLearningMixin:
     ) -> Path:
         """Export to OpenVINO IR through ONNX (see :meth:`to_onnx`); runs with ``OpenVINOInferencer``.
 
+        The IR holds f32 weights, but the inference precision is chosen when the model is compiled: OpenVINO's
+        CPU plugin infers in bf16 by default on CPUs with AVX512-BF16 or AMX (scores and maps then move by up to
+        a few hundredths) and does not read a precision stored in the IR. Ask for f32 when compiling to get
+        torch's outputs to ~1e-5, as the README's Deployment section shows.
+
         Example:
             >>> model = FAPrompt(prompt_weights="FAPrompt_mvtec.pth")  # doctest: +SKIP
             >>> model.to_openvino("exports")  # doctest: +SKIP
             PosixPath('exports/weights/openvino/model.xml')
+            >>> from anomalib.deploy import OpenVINOInferencer
+            >>> inferencer = OpenVINOInferencer(  # doctest: +SKIP
+            ...     path="exports/weights/openvino/model.xml", device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}
+            ... )
 
         Raises:
             UntrainedPromptsError: If the prompts were neither trained nor loaded.
