@@ -74,7 +74,7 @@ def test_cli_writes_the_table_with_one_row_per_model_and_category(cli_run):
     assert (results / "results.md").read_text().count("\n") == len(table) + 2
     assert (results / "results.png").stat().st_size > 10_000
     assert "| FAPrompt | mean | mean |" in result.stdout
-    assert (results / "FAPrompt" / "prompts.pt").is_file()
+    assert len(list(results.glob("FAPrompt/*/prompts.pt"))) == 1  # <model>/<settings fingerprint>/prompts.pt
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_table_equals_scikit_learn_on_raw_outputs(cli_run, method, small_clip, s
     results, _ = cli_run
     table = pd.read_csv(results / "results.csv")
     extra = {"feature_layers": (2, 4, 6, 8)} if method is AnomalyCLIP else {}
-    prompts = results / method.__name__ / "prompts.pt"
+    [prompts] = results.glob(f"{method.__name__}/*/prompts.pt")
     for category in HELD_OUT:
         model = method(**small_clip, **extra, prompt_weights=prompts, post_processor=False, visualizer=False)
         datamodule = MVTecAD(root=synthetic_root, category=category, eval_batch_size=8, num_workers=0)
@@ -101,11 +101,13 @@ def test_table_equals_scikit_learn_on_raw_outputs(cli_run, method, small_clip, s
 def test_a_run_resumes_without_retraining(cli_run, small_clip, synthetic_root):
     results, _ = cli_run
     config = protocol(synthetic_root, results, small_clip, ["FAPrompt"])
-    prompts = results / "FAPrompt" / "prompts.pt"
-    before = prompts.stat().st_mtime_ns
+    [prompts] = results.glob("FAPrompt/*/prompts.pt")
+    rows = sorted(prompts.parent.glob("rows/*.json"))
+    assert len(rows) == len(HELD_OUT)
+    before = [path.stat().st_mtime_ns for path in [prompts, *rows]]
+    previous = pd.read_csv(results / "results.csv")  # the CLI run's table, before the rerun rewrites it
     table = ZeroShot().run_config(config)
-    assert prompts.stat().st_mtime_ns == before
-    previous = pd.read_csv(results / "results.csv")
+    assert [path.stat().st_mtime_ns for path in [prompts, *rows]] == before
     assert table.set_index(["model", "category"]).image_AUROC.to_dict() == pytest.approx(
         previous[previous.model == "FAPrompt"].set_index(["model", "category"]).image_AUROC.to_dict()
     )

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ZeroShot().run_config(protocol(args.output, clip, args.max_epochs, args.seed))
     print(f"\n[anomalib-faprompt demo] {note}")
-    print(f"Heat-maps: {args.output / 'zero_shot'}/<model>/<dataset>/<category>/**/images")
+    print(f"Heat-maps: {args.output / 'zero_shot'}/<model>/<settings>/<dataset>/<category>/**/images")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,33 @@ tested directly, and one-class baselines (PatchCore, or any anomalib model) are 
 target category's normal images. Metrics are the papers' four — image AUROC and AP, pixel AUROC
 and AUPRO (FPR ≤ 0.3) — computed by anomalib's metrics on the models' *raw* scores and maps
 (no normalisation, no thresholds). Results: ``results.csv``, ``results.md`` and ``results.png``,
-plus heat-maps from anomalib's visualiser. Finished models and categories are kept, so an
-interrupted run resumes where it stopped.
+plus heat-maps from anomalib's visualiser.
+
+Resuming: each model of the config works in its own folder, ``<results_dir>/<Model>/<fingerprint>/``,
+where the fingerprint is a hash of the canonical JSON of the *effective* settings its prompts (or, for
+a baseline, its results) depend on: the model class and all its init args, defaults included (its
+``hparams``), the seed and, when prompts are learned, the auxiliary dataset (class, init args,
+categories), ``max_epochs`` and ``train_batch_size``; prompts given as ``prompt_weights`` count by
+their file's SHA-256. The folder holds these settings (``settings.json``), the learned prompts
+(``prompts.pt``) and one file per target category (``rows/<dataset>_<category>-<fingerprint>.json``)
+whose fingerprint adds the target dataset (class and init args), the category, the metrics and the
+SHA-256 of the prompts. A rerun reuses exactly the files whose fingerprint matches and computes the
+rest, so an interrupted run resumes where it stopped and a run with other settings gets folders and
+rows of its own, leaving earlier results as they are. Not in the fingerprints, as they do not change
+the numbers: ``num_workers``, ``results_dir``, ``accelerator``, the models' ``visualizer``,
+``evaluator`` and ``post_processor`` (the pipeline sets its own) and the auxiliary datasets' batch
+sizes (only the top-level ``train_batch_size`` trains). Not detected either: changes to the files
+under a dataset's root or to the code; use a new ``results_dir`` after those.
+
+Two variants of one model (e.g. AnomalyCLIP with ``feature_layers: [6, 12, 18, 24]`` and ``[24]``)
+are named in the table by the init args that differ, e.g. ``AnomalyCLIP[feature_layers=24]``; a model
+listed twice with the same effective settings is refused.
+
+Every result file is written atomically (a temporary file in the same folder, then a rename); a
+file left unreadable by an earlier kill is named in a warning, moved aside as
+``<name>.corrupt-<time>`` and recomputed. A run holds a lock on ``<results_dir>/.lock`` (``flock``,
+released by the system when the process ends, even if killed); a second run into the same folder is
+refused with the holder's pid.
 
 Config (YAML)::
 
@@ -35,24 +60,34 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import logging
+import os
+import pickle
+import socket
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import yaml
 from anomalib import LearningType
 from anomalib.data import AnomalibDataModule
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.metrics.base import AnomalibMetric
-from anomalib.models import get_model
+from anomalib.models import AnomalibModule, get_model
 from anomalib.pipelines.components.base import Pipeline, Runner
 from lightning.pytorch import seed_everything
 from torchmetrics.classification import BinaryAveragePrecision
@@ -60,9 +95,36 @@ from torchmetrics.classification import BinaryAveragePrecision
 from anomalib_faprompt.data import AuxiliaryDataModule
 from anomalib_faprompt.models.prompt_module import PromptLearningMixin
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO")
+
+#: Part of every row's fingerprint: increase it when rows are computed differently, so that reruns recompute them.
+ROW_VERSION = 1
+
+#: The settings of a protocol config.
+CONFIG_KEYS = frozenset(
+    {
+        "seed",
+        "accelerator",
+        "max_epochs",
+        "train_batch_size",
+        "eval_batch_size",
+        "num_workers",
+        "results_dir",
+        "auxiliary",
+        "targets",
+        "models",
+    }
+)
+
+#: Model init args left out of the fingerprints: the pipeline sets its own evaluator and post-processor.
+UNFINGERPRINTED_INIT_ARGS = frozenset({"visualizer", "evaluator", "post_processor"})
 
 
 class AP(AnomalibMetric, BinaryAveragePrecision):  # type: ignore[misc]
@@ -79,6 +141,170 @@ def zero_shot_evaluator() -> Evaluator:
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3),
         ],
     )
+
+
+# Result files -------------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` through a temporary file in the same folder, renamed over it once complete.
+
+    A kill at any moment leaves either the previous file or the new one, never a partial file.
+
+    Args:
+        path: Destination.
+        write: Writes the content to the (temporary) path it is given.
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> atomic_write(Path("rows/MVTecAD_bottle.json"), lambda tmp: tmp.write_text("{}"))  # doctest: +SKIP
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temporary)
+        with temporary.open("rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8"))
+
+
+def set_aside(path: Path, problem: object) -> Path:
+    """Rename an unreadable result file to ``<name>.corrupt-<time>`` and say so in the log; it is then recomputed."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for number in itertools.count(1):
+        if not aside.exists():
+            break
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{number}")
+    os.replace(path, aside)
+    logger.warning(
+        "%s is unreadable (%s), probably left by an interrupted run: moved to %s, recomputing it.", path, problem, aside
+    )
+    return aside
+
+
+def _read_json(path: Path, required: Collection[str]) -> dict[str, Any] | None:
+    """A result file's content, ``None`` if there is none; an unreadable file is set aside (``None``)."""
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(content, dict) or not set(required) <= set(content):
+            msg = f"not a JSON object with {sorted(required)}"
+            raise ValueError(msg)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError included
+        set_aside(path, error)
+        return None
+    return content
+
+
+def _readable_prompts(path: Path) -> bool:
+    """Whether a prompt file written by this pipeline loads (a kill can leave a truncated one); set aside if not."""
+    if not path.is_file():
+        return False
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
+            msg = "not a prompt file"
+            raise ValueError(msg)
+    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        set_aside(path, error)
+        return False
+    return True
+
+
+class ResultsDirLockedError(RuntimeError):
+    """Another zero-shot run is writing into the results directory."""
+
+
+@contextlib.contextmanager
+def results_dir_lock(results_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``results_dir`` (created if needed) while a run writes into it.
+
+    The lock is ``flock`` on ``<results_dir>/.lock``, which records the holder's pid and host. The system
+    releases it when the holder's process ends, killed or not, so no stale lock survives a crash. Where
+    ``fcntl`` does not exist (Windows) runs are not locked, with a warning.
+
+    Example:
+        >>> with results_dir_lock("results/zero_shot"):  # doctest: +SKIP
+        ...     ZeroShot().run_config(config)  # refused: the folder is locked
+        Traceback (most recent call last):
+        ResultsDirLockedError: 'results/zero_shot' is in use by another zero_shot run (pid 4242 on host) ...
+
+    Raises:
+        ResultsDirLockedError: If another process, or another run in this process, holds the lock.
+    """
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        logger.warning("No file locking on this platform: a second run into %s would not be refused.", results_dir)
+        yield
+        return
+    descriptor = os.open(results_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 256, 0).decode(errors="replace").strip() or "a process starting up"
+            msg = (
+                f"'{results_dir}' is in use by another zero_shot run ({holder}); two runs would overwrite each "
+                f"other's results. Wait for it to finish, or give this run another results_dir."
+            )
+            raise ResultsDirLockedError(msg) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+# Fingerprints -------------------------------------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> Any:
+    """Settings as plain JSON values: tuples and OmegaConf lists as lists, enums by value, other objects as text."""
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): _canonical(item) for key, item in value.items()}
+    if isinstance(value, Sequence):
+        return [_canonical(item) for item in value]
+    return str(value)
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """SHA-256 of the settings' canonical JSON (sorted keys, no spaces): equal settings give equal fingerprints.
+
+    Example:
+        >>> fingerprint({"sigma": 4.0, "feature_layers": (24,)}) == fingerprint({"feature_layers": [24], "sigma": 4.0})
+        True
+    """
+    text = json.dumps(_canonical(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Datasets -----------------------------------------------------------------------------------------------------------
 
 
 def _datamodule_class(config: dict[str, Any]) -> type[AnomalibDataModule]:
@@ -138,6 +364,156 @@ class DatasetSpec:
             return self.datamodule_class(**self.init_args)
         return self.datamodule_class(**self.init_args, category=category)
 
+    def settings(self, ignore: Collection[str] = ("num_workers",)) -> dict[str, Any]:
+        """What identifies the data, for fingerprints: datamodule class and init args but those in ``ignore``."""
+        init_args = {key: value for key, value in self.init_args.items() if key not in ignore}
+        return {"dataset": self.name, "init_args": _canonical(init_args)}
+
+
+# Models -------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelVariant:
+    """One entry of the config's ``models`` with the effective settings its results depend on.
+
+    Attributes:
+        index: Position in ``models``.
+        config: The entry (``class_path``, ``init_args``).
+        name: Model class name.
+        init_args: Effective init args (the model's ``hparams``, defaults included), as plain JSON values.
+        prompt_learning: Whether the model is AnomalyCLIP/FAPrompt.
+        learns_prompts: Whether the pipeline learns its prompts (no ``prompt_weights`` given).
+        settings: What its prompts (or, for a baseline, its results) depend on; fingerprinted.
+        label: Its name in the table: the class name, plus the init args that differ from the other
+            variants of the class in the config.
+    """
+
+    index: int
+    config: dict[str, Any]
+    name: str
+    init_args: dict[str, Any]
+    prompt_learning: bool
+    learns_prompts: bool
+    settings: dict[str, Any]
+    label: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of :attr:`settings`."""
+        return fingerprint(self.settings)
+
+    def folder(self, results_dir: Path) -> Path:
+        """Its results folder: ``<results_dir>/<name>/<fingerprint prefix>``."""
+        return results_dir / self.name / self.fingerprint[:12]
+
+
+def _epochs(variant_index: int, name: str, init_args: dict[str, Any], config: dict[str, Any]) -> int:
+    """The epochs of prompt learning (the model's ``max_epochs`` if set, else the config's), at least 1."""
+    if init_args.get("max_epochs") is not None:
+        epochs, source = init_args["max_epochs"], f"models[{variant_index}].init_args.max_epochs"
+    else:
+        epochs, source = config.get("max_epochs", 15), "max_epochs"
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        msg = (
+            f"{source} must be an integer of at least 1 to learn {name}'s prompts (got {epochs!r}): without an "
+            f"optimiser step the prompts stay random and every score of the table would be meaningless. To test "
+            f"prompts learned elsewhere, give them as prompt_weights in the model's init_args."
+        )
+        raise ValueError(msg)
+    return epochs
+
+
+def _variant(index: int, model_config: dict[str, Any], config: dict[str, Any], auxiliary: DatasetSpec) -> ModelVariant:
+    """Build the model once to read its effective init args (``hparams``, defaults included), then let it go."""
+    model = get_model(copy.deepcopy(model_config))
+    name = type(model).__name__
+    init_args = _canonical(dict(model.hparams))
+    given = model_config.get("init_args") or {}
+    init_args |= {key: _canonical(value) for key, value in given.items() if key not in init_args}
+    init_args = {key: value for key, value in init_args.items() if key not in UNFINGERPRINTED_INIT_ARGS}
+    prompt_learning = isinstance(model, PromptLearningMixin)
+    learns_prompts = prompt_learning and model.prompt_weights is None
+    del model
+    settings: dict[str, Any] = {"model": name, "init_args": dict(init_args), "seed": config.get("seed", 0)}
+    if learns_prompts:
+        settings["init_args"].pop("prompt_weights", None)
+        settings["init_args"].pop("max_epochs", None)
+        settings |= {
+            "max_epochs": _epochs(index, name, init_args, config),
+            "train_batch_size": config.get("train_batch_size", 8),
+            "auxiliary": {
+                **auxiliary.settings(ignore=("num_workers", "train_batch_size", "eval_batch_size")),
+                "categories": auxiliary.categories,
+            },
+        }
+    elif prompt_learning:  # learned elsewhere: what counts is the file's content, not its path
+        settings["init_args"]["prompt_weights"] = {"sha256": file_digest(init_args["prompt_weights"])}
+        settings["init_args"].pop("max_epochs", None)
+    return ModelVariant(index, model_config, name, init_args, prompt_learning, learns_prompts, settings)
+
+
+def _show(value: Any, compact: bool = True) -> str:
+    """An init arg's value in a label: strings as they are, one-element lists as their element, else JSON."""
+    if compact and isinstance(value, list) and len(value) == 1:
+        return _show(value[0], compact)
+    if compact and isinstance(value, list):
+        return "[" + ",".join(_show(item, compact) for item in value) + "]"
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def _label(variants: list[ModelVariant]) -> None:
+    """Name the variants of one model class by the init args that differ between them."""
+    if len(variants) == 1:
+        variants[0].label = variants[0].name
+        return
+    for first, second in itertools.combinations(variants, 2):
+        if first.fingerprint == second.fingerprint:
+            msg = (
+                f"models[{first.index}] and models[{second.index}] are the same {first.name} with the same effective "
+                f"settings (defaults included), so they would give the same row twice; remove one."
+            )
+            raise ValueError(msg)
+    keys = sorted({key for variant in variants for key in variant.init_args})
+    differing = [key for key in keys if len({json.dumps(v.init_args.get(key), sort_keys=True) for v in variants}) > 1]
+    for compact in (True, False):  # the full JSON values if the compact ones coincide (e.g. [24] and 24)
+        for variant in variants:
+            shown = ", ".join(f"{key}={_show(variant.init_args.get(key), compact)}" for key in differing)
+            variant.label = f"{variant.name}[{shown}]"
+        if len({variant.label for variant in variants}) == len(variants):
+            return
+
+
+def plan_models(config: dict[str, Any], auxiliary: DatasetSpec) -> list[ModelVariant]:
+    """The config's models with their effective settings and table labels.
+
+    Raises:
+        ValueError: If prompts would be learned with ``max_epochs`` below 1, or a model is listed twice
+            with the same effective settings.
+    """
+    variants = [_variant(index, model, config, auxiliary) for index, model in enumerate(config["models"])]
+    by_name: dict[str, list[ModelVariant]] = {}
+    for variant in variants:
+        by_name.setdefault(variant.name, []).append(variant)
+    for same_class in by_name.values():
+        _label(same_class)
+    return variants
+
+
+def _load_config(config: dict[str, Any] | str | Path) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        config = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    config = copy.deepcopy(config)
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        msg = f"Unknown zero_shot settings {unknown}; the settings are {sorted(CONFIG_KEYS)}."
+        raise ValueError(msg)
+    missing = [key for key in ("auxiliary", "targets", "models") if not config.get(key)]
+    if missing:
+        msg = f"The zero_shot config needs {missing} (see `anomalib_faprompt.pipelines.zero_shot` for an example)."
+        raise ValueError(msg)
+    return config
+
 
 class ZeroShot(Pipeline):
     """Fit zero-shot models once on auxiliary data, test them on every target category, tabulate."""
@@ -151,11 +527,15 @@ class ZeroShot(Pipeline):
         return self.run_config(self._get_args(args))
 
     def run_config(self, config: dict[str, Any] | str | Path) -> pd.DataFrame:
-        """Run the protocol described by a config dict or YAML file; returns the results table."""
-        if not isinstance(config, dict):
-            config = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
-        config = copy.deepcopy(config)
-        seed_everything(config.get("seed", 0), workers=True)
+        """Run the protocol described by a config dict or YAML file; returns the results table.
+
+        Raises:
+            ResultsDirLockedError: If another run is writing into the config's ``results_dir``.
+            ValueError: For a bad config (unknown settings or categories, ``max_epochs`` below 1, …).
+        """
+        config = _load_config(config)
+        seed = config.get("seed", 0)
+        seed_everything(seed, workers=True)
         defaults = {
             "train_batch_size": config.get("train_batch_size", 8),
             "eval_batch_size": config.get("eval_batch_size", 8),
@@ -164,67 +544,140 @@ class ZeroShot(Pipeline):
         auxiliary = DatasetSpec(config["auxiliary"], defaults)
         targets = [DatasetSpec(target, defaults) for target in config["targets"]]
         results_dir = Path(config.get("results_dir", "results/zero_shot"))
-        results_dir.mkdir(parents=True, exist_ok=True)
         engine_args = {"accelerator": config.get("accelerator", "auto"), "devices": 1}
 
-        rows = []
-        for model_config in config["models"]:
-            rows.extend(self._run_model(model_config, auxiliary, targets, results_dir, engine_args, config, defaults))
-        table = summarise(pd.DataFrame(rows))
-        write_results(table, results_dir)
+        with results_dir_lock(results_dir):
+            variants = plan_models(config, auxiliary)
+            rows = []
+            for variant in variants:
+                run = _ModelRun(variant, results_dir, auxiliary, targets, engine_args, defaults, seed)
+                rows.extend(run.rows())
+            table = summarise(pd.DataFrame(rows))
+            write_results(table, results_dir)
         print(f"\nZero-shot results (raw scores and maps), written to {results_dir}:\n")
         print(to_markdown(table))
+        print("\nFolders (settings.json, prompts.pt, rows, heat-maps):")
+        for variant in variants:
+            print(f"  {variant.label}: {variant.folder(results_dir)}")
         return table
 
-    def _run_model(
-        self,
-        model_config: dict[str, Any],
-        auxiliary: DatasetSpec,
-        targets: list[DatasetSpec],
-        results_dir: Path,
-        engine_args: dict[str, Any],
-        config: dict[str, Any],
-        defaults: dict[str, Any],
-    ) -> Iterator[dict[str, Any]]:
-        model = get_model(copy.deepcopy(model_config))
-        model_dir = results_dir / model.name
-        if isinstance(model, PromptLearningMixin) and model.prompt_weights is None:
-            prompts = model_dir / "prompts.pt"
-            if prompts.is_file():
-                logger.info("Resuming: %s prompts already learned at %s", model.name, prompts)
-            else:
-                datamodule = AuxiliaryDataModule(
-                    [auxiliary.datamodule(category) for category in auxiliary.categories],
-                    targets[0].datamodule(targets[0].categories[0]),
-                    **defaults,
-                )
-                engine = Engine(max_epochs=config.get("max_epochs", 15), default_root_dir=model_dir, **engine_args)
-                engine.fit(model, datamodule=datamodule)
-                model.save_prompt_weights(prompts)
-            model = get_model(copy.deepcopy(model_config), prompt_weights=str(prompts))
 
-        for target in targets:
+@dataclasses.dataclass
+class _ModelRun:
+    """One model of a run: its prompts (resumed or learned) and its rows (resumed or computed)."""
+
+    variant: ModelVariant
+    results_dir: Path
+    auxiliary: DatasetSpec
+    targets: list[DatasetSpec]
+    engine_args: dict[str, Any]
+    defaults: dict[str, Any]
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.folder = self.variant.folder(self.results_dir)
+        self.model: AnomalibModule | None = None
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """One row per target category, from its file when the same settings made it, else computed now."""
+        self._claim_folder()
+        prompts = self._prompts() if self.variant.learns_prompts else None
+        prompts_digest = file_digest(prompts) if prompts is not None else None
+        for target in self.targets:
             for category in target.categories:
-                row_file = model_dir / "rows" / f"{target.name}_{category}.json"
-                if row_file.is_file():
-                    yield json.loads(row_file.read_text())
-                    continue
-                datamodule = target.datamodule(category)
-                # Baselines start afresh per category (PatchCore fits on its normals, WinClip takes its name).
-                evaluated = model if isinstance(model, PromptLearningMixin) else get_model(copy.deepcopy(model_config))
-                engine = Engine(default_root_dir=model_dir / target.name / category, **engine_args)
-                if evaluated.learning_type == LearningType.ONE_CLASS:
-                    engine.fit(evaluated, datamodule=datamodule)
-                evaluated.post_processor = None  # metrics on raw scores and maps
-                evaluated.evaluator = zero_shot_evaluator()
-                if evaluated.visualizer is not None:  # a visualiser keeps the folder of its first run
-                    evaluated.visualizer = evaluated.configure_visualizer()
-                metrics = engine.test(evaluated, datamodule=datamodule, verbose=False)[0]
-                row = {"model": model.name, "dataset": target.name, "category": category}
-                row |= {name: float(metrics[name]) for name in METRICS}
-                row_file.parent.mkdir(parents=True, exist_ok=True)
-                row_file.write_text(json.dumps(row))
-                yield row
+                settings = {
+                    "model": self.variant.fingerprint,
+                    "prompts_sha256": prompts_digest,
+                    "target": target.settings(),
+                    "category": category,
+                    "metrics": list(METRICS),
+                    "version": ROW_VERSION,
+                }
+                key = fingerprint(settings)
+                row_file = self.folder / "rows" / f"{target.name}_{category}-{key[:12]}.json"
+                metrics = self._cached_metrics(row_file, key)
+                if metrics is None:
+                    metrics = self._evaluate(target, category, prompts)
+                    content = {"fingerprint": key, "settings": settings, "model": self.variant.label}
+                    _write_json(row_file, content | {"dataset": target.name, "category": category, "metrics": metrics})
+                yield {"model": self.variant.label, "dataset": target.name, "category": category, **metrics}
+
+    def _claim_folder(self) -> None:
+        """Record the settings in ``settings.json``, or check that the folder's are these."""
+        path = self.folder / "settings.json"
+        content = _read_json(path, required=("fingerprint",))
+        if content is None:
+            _write_json(path, {"model": self.variant.name, "fingerprint": self.variant.fingerprint,
+                               "settings": self.variant.settings})  # fmt: skip
+        elif content["fingerprint"] != self.variant.fingerprint:
+            msg = (
+                f"'{path}' records other settings than {self.variant.label}'s (fingerprint {content['fingerprint']}, "
+                f"expected {self.variant.fingerprint}), so the folder's prompts and rows are not this model's. "
+                f"Move the folder away or use another results_dir."
+            )
+            raise ValueError(msg)
+
+    def _cached_metrics(self, row_file: Path, key: str) -> dict[str, float] | None:
+        content = _read_json(row_file, required=("fingerprint", "metrics"))
+        if content is None:
+            return None
+        metrics = content["metrics"]
+        if not isinstance(metrics, dict) or not all(isinstance(metrics.get(name), int | float) for name in METRICS):
+            set_aside(row_file, f"expected the metrics {list(METRICS)}")
+            return None
+        if content["fingerprint"] != key:
+            msg = f"'{row_file}' holds a row of other settings (fingerprint {content['fingerprint']}, expected {key})."
+            raise ValueError(msg)
+        logger.info("Resuming: %s on %s from %s", self.variant.label, content.get("category"), row_file)
+        return {name: float(metrics[name]) for name in METRICS}
+
+    def _prompts(self) -> Path:
+        """The learned prompts: resumed when a readable file is there, otherwise learned now."""
+        prompts = self.folder / "prompts.pt"
+        if _readable_prompts(prompts):
+            logger.info("Resuming: %s prompts already learned at %s", self.variant.label, prompts)
+            return prompts
+        seed_everything(self.seed, workers=True, verbose=False)  # the same prompts whichever models ran before
+        model = get_model(copy.deepcopy(self.variant.config))
+        first_target = self.targets[0]
+        datamodule = AuxiliaryDataModule(
+            [self.auxiliary.datamodule(category) for category in self.auxiliary.categories],
+            first_target.datamodule(first_target.categories[0]),
+            **self.defaults,
+        )
+        epochs = self.variant.settings["max_epochs"]
+        engine = Engine(max_epochs=epochs, default_root_dir=self.folder, **self.engine_args)
+        engine.fit(model, datamodule=datamodule)
+        if not bool(model.model.prompts_ready):
+            msg = (
+                f"{self.variant.label}: prompt learning on {self.auxiliary.name} {self.auxiliary.categories} made no "
+                f"optimiser step (max_epochs={epochs}), so its prompts are untrained; nothing was saved. Check "
+                f"max_epochs and that the auxiliary categories hold anomalous images with masks."
+            )
+            raise RuntimeError(msg)
+        atomic_write(prompts, model.save_prompt_weights)
+        return prompts
+
+    def _evaluate(self, target: DatasetSpec, category: str, prompts: Path | None) -> dict[str, float]:
+        """Test one target category; a baseline is built (and a one-class one fitted) afresh for each category."""
+        datamodule = target.datamodule(category)
+        if self.variant.prompt_learning:
+            if self.model is None:
+                extra = {"prompt_weights": str(prompts)} if prompts is not None else {}
+                self.model = get_model(copy.deepcopy(self.variant.config), **extra)
+            evaluated = self.model
+        else:  # PatchCore fits on the category's normals, WinClip takes its name
+            seed_everything(self.seed, workers=True, verbose=False)
+            evaluated = get_model(copy.deepcopy(self.variant.config))
+        engine = Engine(default_root_dir=self.folder / target.name / category, **self.engine_args)
+        if evaluated.learning_type == LearningType.ONE_CLASS:
+            engine.fit(evaluated, datamodule=datamodule)
+        evaluated.post_processor = None  # metrics on raw scores and maps
+        evaluated.evaluator = zero_shot_evaluator()
+        if evaluated.visualizer is not None:  # a visualiser keeps the folder of its first run
+            evaluated.visualizer = evaluated.configure_visualizer()
+        metrics = engine.test(evaluated, datamodule=datamodule, verbose=False)[0]
+        return {name: float(metrics[name]) for name in METRICS}
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
@@ -245,17 +698,18 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def write_results(table: pd.DataFrame, results_dir: Path) -> None:
-    """Write ``results.csv``, ``results.md`` and a bar chart of the means, ``results.png``."""
+    """Write ``results.csv``, ``results.md`` and a bar chart of the means, ``results.png`` (each atomically)."""
     import matplotlib as mpl
 
     mpl.use("Agg")
     import matplotlib.pyplot as plt
 
-    table.to_csv(results_dir / "results.csv", index=False)
-    (results_dir / "results.md").write_text(to_markdown(table) + "\n", encoding="utf-8")
+    markdown = to_markdown(table) + "\n"
+    atomic_write(results_dir / "results.csv", lambda path: table.to_csv(path, index=False))
+    atomic_write(results_dir / "results.md", lambda path: path.write_text(markdown, encoding="utf-8"))
     means = table[table.category == "mean"].set_index("model")[list(METRICS)] * 100
     axes = means.T.plot.bar(figsize=(8, 4), rot=0, ylim=(0, 100), ylabel="%", title="Zero-shot, mean over targets")
     axes.legend(loc="lower right")
     plt.tight_layout()
-    plt.savefig(results_dir / "results.png", dpi=120)
+    atomic_write(results_dir / "results.png", lambda path: plt.savefig(path, dpi=120, format="png"))
     plt.close("all")

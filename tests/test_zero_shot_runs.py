@@ -1,0 +1,294 @@
+"""Reruns of ``anomalib zero_shot``: resume only what the same settings produced, survive kills, refuse a second run.
+
+Tiny synthetic data (one auxiliary and one target category, 64 px) and the small CLIP at its native 112 px,
+one epoch: a run takes seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from sklearn.metrics import roc_auc_score
+
+from anomalib_faprompt import AnomalyCLIP
+from anomalib_faprompt.data import generate_synthetic_dataset
+from anomalib_faprompt.pipelines import ZeroShot
+from test_zero_shot import protocol
+
+AUXILIARY, TARGETS = ["stripes"], ["disc"]
+METRICS = ["image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return generate_synthetic_dataset(
+        tmp_path_factory.mktemp("data"), categories=[*AUXILIARY, "checker", *TARGETS], n_train=2, n_test=2,
+        image_size=64,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(small_clip) -> dict[str, Any]:
+    return {**small_clip, "image_size": 112}  # the small CLIP's native size: 4x cheaper than 224
+
+
+def config_for(root: Path, results: Path, tiny_clip: dict, models: tuple[str, ...] = ("FAPrompt",)) -> dict:
+    config = copy.deepcopy(protocol(root, results, tiny_clip, list(models), max_epochs=1))  # tests change it
+    config["auxiliary"]["categories"] = list(AUXILIARY)
+    config["targets"][0]["categories"] = list(TARGETS)
+    return config
+
+
+@pytest.fixture
+def fits(monkeypatch) -> list[str]:
+    """Names of the models ``Engine.fit`` was called with during the test."""
+    fitted: list[str] = []
+    original = Engine.fit
+
+    def fit(self, model, *args, **kwargs):
+        fitted.append(type(model).__name__)
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "fit", fit)
+    return fitted
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, root, tiny_clip) -> tuple[Path, pd.DataFrame]:
+    """One FAPrompt run, copied by the tests that change its folder."""
+    results = tmp_path_factory.mktemp("first") / "results"
+    table = ZeroShot().run_config(config_for(root, results, tiny_clip))
+    return results, table
+
+
+@pytest.fixture
+def previous(tmp_path, first_run) -> tuple[Path, pd.DataFrame]:
+    """A private copy of the first run's results directory."""
+    results = tmp_path / "results"
+    shutil.copytree(first_run[0], results, symlinks=True)  # anomalib's "latest" links stay links
+    return results, first_run[1]
+
+
+def prompt_files(results: Path) -> list[Path]:
+    """Every prompt file, the Lightning checkpoints' copies included."""
+    return sorted(results.rglob("prompts.pt"))
+
+
+def learned_prompts(results: Path) -> list[Path]:
+    """The prompt files the pipeline resumes from."""
+    return [path for path in result_files(results) if path.name == "prompts.pt"]
+
+
+def result_files(results: Path) -> dict[Path, int]:
+    """Prompt files (not the Lightning checkpoints' copies) and row files, with their modification times."""
+    files = [path for path in results.rglob("prompts.pt") if "weights" not in path.parts]
+    files += [path for path in results.rglob("*.json") if path.parent.name == "rows"]
+    return {path: path.stat().st_mtime_ns for path in files}
+
+
+def settings_of(prompts: Path) -> dict[str, Any]:
+    """The settings recorded next to a prompt file."""
+    return json.loads((prompts.parent / "settings.json").read_text())["settings"]
+
+
+def values(table: pd.DataFrame) -> dict[tuple[str, str, str], float]:
+    return {(row.model, row.category, name): getattr(row, name) for row in table.itertuples() for name in METRICS}
+
+
+# Resume: the same settings reuse, other settings recompute ---------------------------------------------------------
+
+
+def test_an_unchanged_rerun_reuses_prompts_and_rows(previous, root, tiny_clip, fits):
+    results, table = previous
+    before = result_files(results)
+    assert len(before) == 2  # prompts.pt and one row
+
+    rerun = ZeroShot().run_config(config_for(root, results, tiny_clip))
+
+    assert fits == []
+    assert result_files(results) == before
+    assert values(rerun) == values(table)
+
+
+@pytest.mark.parametrize(
+    ("setting", "change"),
+    [
+        ("max_epochs", lambda config: config.update(max_epochs=2)),
+        ("seed", lambda config: config.update(seed=1)),
+        ("auxiliary categories", lambda config: config["auxiliary"].update(categories=["stripes", "checker"])),
+        ("sigma (model init arg)", lambda config: config["models"][0]["init_args"].update(sigma=2.0)),
+    ],
+)
+def test_a_changed_setting_retrains_prompts_and_recomputes_rows(previous, root, tiny_clip, fits, tmp_path, setting,
+                                                                 change):  # fmt: skip
+    results, table = previous
+    before = result_files(results)
+    config = config_for(root, results, tiny_clip)
+    change(config)
+
+    rerun = ZeroShot().run_config(config)
+
+    assert fits == ["FAPrompt"], f"changing {setting} must retrain the prompts"
+    assert len(learned_prompts(results)) == 2, "the new prompts must not overwrite the old ones"
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in before.items()), "old results are kept"
+    # The rerun reports what a run from scratch with the changed settings reports.
+    fresh = ZeroShot().run_config({**config, "results_dir": str(tmp_path / "fresh")})
+    assert values(rerun) == pytest.approx(values(fresh), abs=1e-6)
+    assert values(rerun)["FAPrompt", "disc", "pixel_AUROC"] != pytest.approx(
+        values(table)["FAPrompt", "disc", "pixel_AUROC"], abs=1e-6
+    )
+
+
+def test_a_changed_target_setting_recomputes_rows_but_keeps_prompts(previous, root, tiny_clip, fits, tmp_path):
+    results, _ = previous
+    copy = tmp_path / "target"
+    shutil.copytree(root, copy)
+    config = config_for(root, results, tiny_clip)
+    config["targets"][0]["dataset"] = {"class_path": "MVTecAD", "init_args": {"root": str(copy)}}
+    before = result_files(results)
+
+    ZeroShot().run_config(config)
+
+    assert fits == []
+    after = result_files(results)
+    rows = [path for path in after if path.parent.name == "rows"]
+    assert len(rows) == 2, "a row for the new target, the old one kept"
+    assert all(after[path] == mtime for path, mtime in before.items())
+
+
+def test_two_variants_of_a_model_get_their_own_prompts_rows_and_names(tmp_path, root, tiny_clip, fits):
+    results = tmp_path / "results"
+    config = config_for(root, results, tiny_clip, models=("AnomalyCLIP", "AnomalyCLIP", "FAPrompt"))
+    config["models"][1]["init_args"] = {**config["models"][1]["init_args"], "feature_layers": [8]}  # not shared
+
+    table = ZeroShot().run_config(config)
+
+    assert fits == ["AnomalyCLIP", "AnomalyCLIP", "FAPrompt"]
+    assert list(table.model.unique()) == ["AnomalyCLIP[feature_layers=[2,4,6,8]]", "AnomalyCLIP[feature_layers=8]",
+                                          "FAPrompt"]  # fmt: skip
+    assert len(learned_prompts(results)) == 3
+    rows = table[table.category == "disc"].set_index("model")
+    assert rows.pixel_AUROC.nunique() == 3
+    # Each row is its own variant's: recompute pixel AUROC from that variant's prompts with scikit-learn.
+    datamodule = MVTecAD(root=root, category="disc", eval_batch_size=8, num_workers=0)
+    for feature_layers, label in (((2, 4, 6, 8), "AnomalyCLIP[feature_layers=[2,4,6,8]]"),
+                                  ((8,), "AnomalyCLIP[feature_layers=8]")):  # fmt: skip
+        [prompts] = [path for path in results.glob("AnomalyCLIP/*/prompts.pt")
+                     if settings_of(path)["init_args"]["feature_layers"] == list(feature_layers)]  # fmt: skip
+        model = AnomalyCLIP(**tiny_clip, feature_layers=feature_layers, prompt_weights=prompts, post_processor=False,
+                            visualizer=False)  # fmt: skip
+        batches = Engine(default_root_dir=tmp_path, accelerator="cpu").predict(model, datamodule=datamodule)
+        maps = torch.cat([batch.anomaly_map for batch in batches]).flatten().numpy()
+        masks = torch.cat([batch.gt_mask for batch in batches]).flatten().numpy()
+        assert rows.loc[label, "pixel_AUROC"] == pytest.approx(roc_auc_score(masks, maps), abs=1e-6)
+
+
+def test_the_same_model_twice_is_refused(tmp_path, root, tiny_clip):
+    config = config_for(root, tmp_path / "results", tiny_clip, models=("FAPrompt", "FAPrompt"))
+    with pytest.raises(ValueError, match=r"models\[0\] and models\[1\] are the same FAPrompt"):
+        ZeroShot().run_config(config)
+
+
+# Untrained prompts --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["config", "init_args"])
+def test_max_epochs_0_is_refused_before_fitting(tmp_path, root, tiny_clip, fits, where):
+    results = tmp_path / "results"
+    config = config_for(root, results, tiny_clip)
+    if where == "config":
+        config["max_epochs"] = 0
+    else:
+        config["models"][0]["init_args"]["max_epochs"] = 0
+    with pytest.raises(ValueError, match=r"max_epochs must be .*1.*got 0"):
+        ZeroShot().run_config(config)
+    assert fits == []
+    assert prompt_files(tmp_path) == []
+
+
+def test_a_fit_without_an_optimiser_step_saves_no_prompts(tmp_path, root, tiny_clip, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setattr(Engine, "fit", lambda *args, **kwargs: None)  # as if the data gave no training batch
+    with pytest.raises(RuntimeError, match=r"FAPrompt.*no optimiser step.*max_epochs"):
+        ZeroShot().run_config(config_for(root, results, tiny_clip))
+    assert prompt_files(tmp_path) == []
+
+
+# Files left by a kill -----------------------------------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+
+def test_a_truncated_row_is_set_aside_and_recomputed(previous, root, tiny_clip, fits, caplog):
+    results, table = previous
+    [row] = [path for path in result_files(results) if path.suffix == ".json"]
+    truncate(row)
+
+    with caplog.at_level(logging.WARNING):
+        rerun = ZeroShot().run_config(config_for(root, results, tiny_clip))
+
+    assert fits == []
+    assert str(row) in caplog.text
+    assert len(list(row.parent.glob(f"{row.name}.corrupt-*"))) == 1
+    assert values(rerun) == pytest.approx(values(table), abs=1e-6)
+
+
+def test_truncated_prompts_are_set_aside_and_retrained(previous, root, tiny_clip, fits, caplog):
+    results, table = previous
+    [prompts] = [path for path in result_files(results) if path.name == "prompts.pt"]
+    truncate(prompts)
+
+    with caplog.at_level(logging.WARNING):
+        rerun = ZeroShot().run_config(config_for(root, results, tiny_clip))
+
+    assert fits == ["FAPrompt"]
+    assert str(prompts) in caplog.text
+    assert len(list(prompts.parent.glob("prompts.pt.corrupt-*"))) == 1
+    assert values(rerun) == pytest.approx(values(table), abs=1e-6)  # the same seed gives the same prompts
+
+
+def test_a_failed_write_leaves_the_previous_file(tmp_path):
+    from anomalib_faprompt.pipelines.zero_shot import atomic_write
+
+    target = tmp_path / "row.json"
+    target.write_text('{"old": 1}')
+
+    def write_half_then_die(path: Path) -> None:
+        path.write_text('{"new": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write_half_then_die)
+    assert target.read_text() == '{"old": 1}'
+    assert sorted(tmp_path.iterdir()) == [target]
+
+
+# Concurrent runs ----------------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_locked_results_dir_is_refused(tmp_path, root, tiny_clip, fits):
+    import os
+
+    from anomalib_faprompt.pipelines.zero_shot import ResultsDirLockedError, results_dir_lock
+
+    results = tmp_path / "results"
+    config = config_for(root, results, tiny_clip)
+    refusal = rf"{re.escape(str(results))}.*pid {os.getpid()}"
+    with results_dir_lock(results), pytest.raises(ResultsDirLockedError, match=refusal):
+        ZeroShot().run_config(config)
+    assert fits == []
+    assert prompt_files(tmp_path) == []
