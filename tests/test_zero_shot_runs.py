@@ -237,6 +237,8 @@ def test_a_truncated_row_is_set_aside_and_recomputed(previous, root, tiny_clip, 
     results, table = previous
     [row] = [path for path in result_files(results) if path.suffix == ".json"]
     truncate(row)
+    leftover = row.with_name(f"{row.name}.tmp-99999")  # what a kill during the atomic write leaves
+    leftover.write_text("{")
 
     with caplog.at_level(logging.WARNING):
         rerun = ZeroShot().run_config(config_for(root, results, tiny_clip))
@@ -244,6 +246,7 @@ def test_a_truncated_row_is_set_aside_and_recomputed(previous, root, tiny_clip, 
     assert fits == []
     assert str(row) in caplog.text
     assert len(list(row.parent.glob(f"{row.name}.corrupt-*"))) == 1
+    assert not leftover.exists()
     assert values(rerun) == pytest.approx(values(table), abs=1e-6)
 
 

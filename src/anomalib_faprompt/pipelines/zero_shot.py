@@ -193,6 +193,13 @@ def set_aside(path: Path, problem: object) -> Path:
     return aside
 
 
+def _remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files a killed run left in ``folder`` (only ever called under the run's lock)."""
+    for path in folder.glob("*.tmp-*"):
+        logger.info("Removing %s, left by an interrupted run.", path)
+        path.unlink(missing_ok=True)
+
+
 def _read_json(path: Path, required: Collection[str]) -> dict[str, Any] | None:
     """A result file's content, ``None`` if there is none; an unreadable file is set aside (``None``)."""
     if not path.is_file():
@@ -210,10 +217,13 @@ def _read_json(path: Path, required: Collection[str]) -> dict[str, Any] | None:
 
 def _readable_prompts(path: Path) -> bool:
     """Whether a prompt file written by this pipeline loads (a kill can leave a truncated one); set aside if not."""
+    from anomalib.utils.serialization import anomalib_safe_globals
+
     if not path.is_file():
         return False
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with anomalib_safe_globals():  # what prompt_weights accepts when loading
+            content = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
             msg = "not a prompt file"
             raise ValueError(msg)
@@ -547,6 +557,7 @@ class ZeroShot(Pipeline):
         engine_args = {"accelerator": config.get("accelerator", "auto"), "devices": 1}
 
         with results_dir_lock(results_dir):
+            _remove_temporaries(results_dir)
             variants = plan_models(config, auxiliary)
             rows = []
             for variant in variants:
@@ -604,6 +615,8 @@ class _ModelRun:
 
     def _claim_folder(self) -> None:
         """Record the settings in ``settings.json``, or check that the folder's are these."""
+        for folder in (self.folder, self.folder / "rows"):
+            _remove_temporaries(folder)
         path = self.folder / "settings.json"
         content = _read_json(path, required=("fingerprint",))
         if content is None:
