@@ -265,7 +265,7 @@ def test_truncated_prompts_are_set_aside_and_retrained(previous, root, tiny_clip
 
 
 def test_a_failed_write_leaves_the_previous_file(tmp_path):
-    from anomalib_faprompt.pipelines.zero_shot import atomic_write
+    from anomalib_faprompt.pipelines.result_files import atomic_write
 
     target = tmp_path / "row.json"
     target.write_text('{"old": 1}')
@@ -286,7 +286,7 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
 def test_a_second_run_into_a_locked_results_dir_is_refused(tmp_path, root, tiny_clip, fits):
     import os
 
-    from anomalib_faprompt.pipelines.zero_shot import ResultsDirLockedError, results_dir_lock
+    from anomalib_faprompt.pipelines.result_files import ResultsDirLockedError, results_dir_lock
 
     results = tmp_path / "results"
     config = config_for(root, results, tiny_clip)

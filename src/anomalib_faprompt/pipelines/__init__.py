@@ -1,5 +1,5 @@
 """Pipelines: the zero-shot protocol (``anomalib zero_shot``)."""
 
-from .zero_shot import ZeroShot, zero_shot_evaluator
+from .zero_shot import ZeroShot
 
-__all__ = ["ZeroShot", "zero_shot_evaluator"]
+__all__ = ["ZeroShot"]

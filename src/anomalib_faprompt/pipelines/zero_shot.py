@@ -60,40 +60,43 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import itertools
 import json
 import logging
-import os
-import pickle
-import socket
 import sys
-import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from enum import Enum
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 import yaml
 from anomalib import LearningType
 from anomalib.data import AnomalibDataModule
 from anomalib.engine import Engine
-from anomalib.metrics import AUPRO, AUROC, Evaluator
-from anomalib.metrics.base import AnomalibMetric
 from anomalib.models import AnomalibModule, get_model
 from anomalib.pipelines.components.base import Pipeline, Runner
 from lightning.pytorch import seed_everything
-from torchmetrics.classification import BinaryAveragePrecision
 
+from anomalib_faprompt.components.metrics import PAPER_METRICS, paper_evaluator
 from anomalib_faprompt.data import AuxiliaryDataModule
 from anomalib_faprompt.models.prompt_module import PromptLearningMixin
+
+from .result_files import (
+    atomic_write,
+    canonical,
+    file_digest,
+    fingerprint,
+    read_json,
+    readable_prompts,
+    remove_temporaries,
+    results_dir_lock,
+    set_aside,
+    write_json,
+)
 
 try:
     import fcntl
@@ -102,7 +105,7 @@ except ImportError:  # Windows
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO")
+METRICS = PAPER_METRICS
 
 #: Part of every row's fingerprint: increase it when rows are computed differently, so that reruns recompute them.
 ROW_VERSION = 1
@@ -125,193 +128,6 @@ CONFIG_KEYS = frozenset(
 
 #: Model init args left out of the fingerprints: the pipeline sets its own evaluator and post-processor.
 UNFINGERPRINTED_INIT_ARGS = frozenset({"visualizer", "evaluator", "post_processor"})
-
-
-class AP(AnomalibMetric, BinaryAveragePrecision):  # type: ignore[misc]
-    """Average precision (scikit-learn's definition) as an anomalib metric; reported as ``<prefix>AP``."""
-
-
-def zero_shot_evaluator() -> Evaluator:
-    """The papers' four metrics, on raw outputs."""
-    return Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            AP(fields=["pred_score", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3),
-        ],
-    )
-
-
-# Result files -------------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Write ``path`` through a temporary file in the same folder, renamed over it once complete.
-
-    A kill at any moment leaves either the previous file or the new one, never a partial file.
-
-    Args:
-        path: Destination.
-        write: Writes the content to the (temporary) path it is given.
-
-    Returns:
-        ``path``.
-
-    Example:
-        >>> atomic_write(Path("rows/MVTecAD_bottle.json"), lambda tmp: tmp.write_text("{}"))  # doctest: +SKIP
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        with temporary.open("rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8"))
-
-
-def set_aside(path: Path, problem: object) -> Path:
-    """Rename an unreadable result file to ``<name>.corrupt-<time>`` and say so in the log; it is then recomputed."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-    for number in itertools.count(1):
-        if not aside.exists():
-            break
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{number}")
-    os.replace(path, aside)
-    logger.warning(
-        "%s is unreadable (%s), probably left by an interrupted run: moved to %s, recomputing it.", path, problem, aside
-    )
-    return aside
-
-
-def _remove_temporaries(folder: Path) -> None:
-    """Delete the temporary files a killed run left in ``folder`` (only ever called under the run's lock)."""
-    for path in folder.glob("*.tmp-*"):
-        logger.info("Removing %s, left by an interrupted run.", path)
-        path.unlink(missing_ok=True)
-
-
-def _read_json(path: Path, required: Collection[str]) -> dict[str, Any] | None:
-    """A result file's content, ``None`` if there is none; an unreadable file is set aside (``None``)."""
-    if not path.is_file():
-        return None
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(content, dict) or not set(required) <= set(content):
-            msg = f"not a JSON object with {sorted(required)}"
-            raise ValueError(msg)
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError included
-        set_aside(path, error)
-        return None
-    return content
-
-
-def _readable_prompts(path: Path) -> bool:
-    """Whether a prompt file written by this pipeline loads (a kill can leave a truncated one); set aside if not."""
-    from anomalib.utils.serialization import anomalib_safe_globals
-
-    if not path.is_file():
-        return False
-    try:
-        with anomalib_safe_globals():  # what prompt_weights accepts when loading
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
-            msg = "not a prompt file"
-            raise ValueError(msg)
-    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        set_aside(path, error)
-        return False
-    return True
-
-
-class ResultsDirLockedError(RuntimeError):
-    """Another zero-shot run is writing into the results directory."""
-
-
-@contextlib.contextmanager
-def results_dir_lock(results_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``results_dir`` (created if needed) while a run writes into it.
-
-    The lock is ``flock`` on ``<results_dir>/.lock``, which records the holder's pid and host. The system
-    releases it when the holder's process ends, killed or not, so no stale lock survives a crash. Where
-    ``fcntl`` does not exist (Windows) runs are not locked, with a warning.
-
-    Example:
-        >>> with results_dir_lock("results/zero_shot"):  # doctest: +SKIP
-        ...     ZeroShot().run_config(config)  # refused: the folder is locked
-        Traceback (most recent call last):
-        ResultsDirLockedError: 'results/zero_shot' is in use by another zero_shot run (pid 4242 on host) ...
-
-    Raises:
-        ResultsDirLockedError: If another process, or another run in this process, holds the lock.
-    """
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        logger.warning("No file locking on this platform: a second run into %s would not be refused.", results_dir)
-        yield
-        return
-    descriptor = os.open(results_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 256, 0).decode(errors="replace").strip() or "a process starting up"
-            msg = (
-                f"'{results_dir}' is in use by another zero_shot run ({holder}); two runs would overwrite each "
-                f"other's results. Wait for it to finish, or give this run another results_dir."
-            )
-            raise ResultsDirLockedError(msg) from None
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(descriptor)  # releases the lock
-
-
-# Fingerprints -------------------------------------------------------------------------------------------------------
-
-
-def _canonical(value: Any) -> Any:
-    """Settings as plain JSON values: tuples and OmegaConf lists as lists, enums by value, other objects as text."""
-    if isinstance(value, Enum):
-        value = value.value
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(key): _canonical(item) for key, item in value.items()}
-    if isinstance(value, Sequence):
-        return [_canonical(item) for item in value]
-    return str(value)
-
-
-def fingerprint(settings: Mapping[str, Any]) -> str:
-    """SHA-256 of the settings' canonical JSON (sorted keys, no spaces): equal settings give equal fingerprints.
-
-    Example:
-        >>> fingerprint({"sigma": 4.0, "feature_layers": (24,)}) == fingerprint({"feature_layers": [24], "sigma": 4.0})
-        True
-    """
-    text = json.dumps(_canonical(settings), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's content."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # Datasets -----------------------------------------------------------------------------------------------------------
@@ -377,7 +193,7 @@ class DatasetSpec:
     def settings(self, ignore: Collection[str] = ("num_workers",)) -> dict[str, Any]:
         """What identifies the data, for fingerprints: datamodule class and init args but those in ``ignore``."""
         init_args = {key: value for key, value in self.init_args.items() if key not in ignore}
-        return {"dataset": self.name, "init_args": _canonical(init_args)}
+        return {"dataset": self.name, "init_args": canonical(init_args)}
 
 
 # Models -------------------------------------------------------------------------------------------------------------
@@ -438,9 +254,9 @@ def _variant(index: int, model_config: dict[str, Any], config: dict[str, Any], a
     """Build the model once to read its effective init args (``hparams``, defaults included), then let it go."""
     model = get_model(copy.deepcopy(model_config))
     name = type(model).__name__
-    init_args = _canonical(dict(model.hparams))
+    init_args = canonical(dict(model.hparams))
     given = model_config.get("init_args") or {}
-    init_args |= {key: _canonical(value) for key, value in given.items() if key not in init_args}
+    init_args |= {key: canonical(value) for key, value in given.items() if key not in init_args}
     init_args = {key: value for key, value in init_args.items() if key not in UNFINGERPRINTED_INIT_ARGS}
     prompt_learning = isinstance(model, PromptLearningMixin)
     learns_prompts = prompt_learning and model.prompt_weights is None
@@ -557,7 +373,7 @@ class ZeroShot(Pipeline):
         engine_args = {"accelerator": config.get("accelerator", "auto"), "devices": 1}
 
         with results_dir_lock(results_dir):
-            _remove_temporaries(results_dir)
+            remove_temporaries(results_dir)
             variants = plan_models(config, auxiliary)
             rows = []
             for variant in variants:
@@ -610,17 +426,17 @@ class _ModelRun:
                 if metrics is None:
                     metrics = self._evaluate(target, category, prompts)
                     content = {"fingerprint": key, "settings": settings, "model": self.variant.label}
-                    _write_json(row_file, content | {"dataset": target.name, "category": category, "metrics": metrics})
+                    write_json(row_file, content | {"dataset": target.name, "category": category, "metrics": metrics})
                 yield {"model": self.variant.label, "dataset": target.name, "category": category, **metrics}
 
     def _claim_folder(self) -> None:
         """Record the settings in ``settings.json``, or check that the folder's are these."""
         for folder in (self.folder, self.folder / "rows"):
-            _remove_temporaries(folder)
+            remove_temporaries(folder)
         path = self.folder / "settings.json"
-        content = _read_json(path, required=("fingerprint",))
+        content = read_json(path, required=("fingerprint",))
         if content is None:
-            _write_json(path, {"model": self.variant.name, "fingerprint": self.variant.fingerprint,
+            write_json(path, {"model": self.variant.name, "fingerprint": self.variant.fingerprint,
                                "settings": self.variant.settings})  # fmt: skip
         elif content["fingerprint"] != self.variant.fingerprint:
             msg = (
@@ -631,7 +447,7 @@ class _ModelRun:
             raise ValueError(msg)
 
     def _cached_metrics(self, row_file: Path, key: str) -> dict[str, float] | None:
-        content = _read_json(row_file, required=("fingerprint", "metrics"))
+        content = read_json(row_file, required=("fingerprint", "metrics"))
         if content is None:
             return None
         metrics = content["metrics"]
@@ -647,7 +463,7 @@ class _ModelRun:
     def _prompts(self) -> Path:
         """The learned prompts: resumed when a readable file is there, otherwise learned now."""
         prompts = self.folder / "prompts.pt"
-        if _readable_prompts(prompts):
+        if readable_prompts(prompts):
             logger.info("Resuming: %s prompts already learned at %s", self.variant.label, prompts)
             return prompts
         seed_everything(self.seed, workers=True, verbose=False)  # the same prompts whichever models ran before
@@ -686,7 +502,7 @@ class _ModelRun:
         if evaluated.learning_type == LearningType.ONE_CLASS:
             engine.fit(evaluated, datamodule=datamodule)
         evaluated.post_processor = None  # metrics on raw scores and maps
-        evaluated.evaluator = zero_shot_evaluator()
+        evaluated.evaluator = paper_evaluator()
         if evaluated.visualizer is not None:  # a visualiser keeps the folder of its first run
             evaluated.visualizer = evaluated.configure_visualizer()
         metrics = engine.test(evaluated, datamodule=datamodule, verbose=False)[0]
