@@ -37,12 +37,19 @@ def test_benchmark_reports_latency_training_memory_and_efficiency():
 
 @pytest.mark.slow
 def test_export_benchmark_reports_parity_and_latency_of_every_backend():
-    """ViT-B/16 layout (not the fixtures' small CLIP): FAPrompt's DAP path exported and within 1e-3 of torch."""
+    """ViT-B/16 layout (not the fixtures' small CLIP): FAPrompt's DAP path exported and within 1e-3 of torch.
+
+    OpenVINO runs in f32 whatever the CPU's default (bf16 on CPUs with AVX512-BF16 or AMX), and says so.
+    """
     script = SCRIPT.with_name("export.py")
     command = [sys.executable, str(script), "--methods", "FAPrompt", "--repeats", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    (entry,) = json.loads(result.stdout)["results"]
+    report = json.loads(result.stdout)
+    assert report["config"]["openvino_precision_requested"] == "f32"
+    assert report["machine"]["openvino_cpu_default_precision"] in {"f32", "bf16", "f16"}
+    (entry,) = report["results"]
+    assert entry["openvino_inference_precision"] == "f32"
     assert set(entry["seconds_per_image"]) == {"torch", "onnxruntime", "openvino"}
     assert all(seconds > 0 for seconds in entry["seconds_per_image"].values())
     for backend in ("onnxruntime", "openvino"):
