@@ -6,17 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomalib_faprompt import AnomalyCLIP, FAPrompt
 from anomalib_faprompt.data import generate_synthetic_dataset
 from anomalib_faprompt.pipelines import ZeroShot
+from test_metric_paths import per_region_overlap_auc
 
 ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 AUXILIARY, HELD_OUT = ["stripes", "checker", "grain"], ["disc", "plate"]
@@ -90,11 +92,20 @@ def test_table_equals_scikit_learn_on_raw_outputs(cli_run, method, small_clip, s
         batches = Engine(default_root_dir=tmp_path, accelerator="cpu").predict(model, datamodule=datamodule)
         scores = torch.cat([batch.pred_score for batch in batches]).numpy()
         labels = torch.cat([batch.gt_label for batch in batches]).numpy()
-        maps = torch.cat([batch.anomaly_map for batch in batches]).flatten().numpy()
-        masks = torch.cat([batch.gt_mask for batch in batches]).flatten().numpy()
+        maps = torch.cat([batch.anomaly_map for batch in batches]).numpy()
+        masks = torch.cat([batch.gt_mask for batch in batches]).numpy()
         row = table[(table.model == method.__name__) & (table.category == category)].iloc[0]
         assert row.image_AUROC == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
-        assert row.pixel_AUROC == pytest.approx(roc_auc_score(masks, maps), abs=1e-6)
+        assert row.image_AP == pytest.approx(average_precision_score(labels, scores), abs=1e-6)
+        assert row.pixel_AUROC == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
+        assert row.pixel_AUPRO == pytest.approx(per_region_overlap_auc(maps, masks), abs=1e-6)
+        # The random small CLIP's maps often rank defects *below* most normal pixels (pixel AUROC < 0.5); AUPRO, which
+        # only counts thresholds up to 30 % FPR, is then 0. That 0 is right when no defect pixel scores as high as the
+        # normal pixel that takes the false positive rate past 30 %, and only then.
+        normal = np.sort(maps[~masks])[::-1]
+        threshold_at_limit = normal[int(0.3 * normal.size)]
+        flagged_defect_pixels = int((maps[masks] >= threshold_at_limit).sum())
+        assert (row.pixel_AUPRO == 0) == (flagged_defect_pixels == 0), (row.pixel_AUPRO, flagged_defect_pixels)
 
 
 @pytest.mark.slow
