@@ -20,6 +20,13 @@ from anomalib_faprompt.models.faprompt.torch_model import FAPromptModel
 SMALL_DEPTH = 8
 
 
+def assert_names_the_setting(message: str, setting: str, valid: str, value: object) -> None:
+    """The refusal names the setting, its valid range and the value given."""
+    assert f"{setting} must be " in message
+    assert valid in message
+    assert f"got {value!r}" in message
+
+
 @pytest.fixture
 def no_download(monkeypatch):
     """Fail on any attempt to fetch CLIP weights."""
@@ -155,10 +162,7 @@ def test_bad_setting_is_refused_before_the_clip_loads(method, setting, value, va
     model_class = {"AnomalyCLIP": AnomalyCLIP, "FAPrompt": FAPrompt}[method]
     with pytest.raises(ValueError) as error:
         model_class(**{**small_clip, setting: value})
-    message = str(error.value)
-    assert f"{setting} must be " in message
-    assert valid in message
-    assert f"got {value!r}" in message
+    assert_names_the_setting(str(error.value), setting, valid, value)
 
 
 @pytest.mark.parametrize(
@@ -177,10 +181,7 @@ def test_bad_setting_is_refused_before_the_clip_loads(method, setting, value, va
 def test_torch_models_refuse_bad_settings_too(model_class, setting, value, valid, small_clip, clip_must_not_load):
     with pytest.raises(ValueError) as error:
         model_class(**{**small_clip, setting: value})
-    message = str(error.value)
-    assert f"{setting} must be " in message
-    assert valid in message
-    assert f"got {value!r}" in message
+    assert_names_the_setting(str(error.value), setting, valid, value)
 
 
 @pytest.mark.parametrize(
@@ -191,10 +192,7 @@ def test_smoothing_refuses_bad_settings(setting, value, valid):
     arguments = {"sigma": 4.0, setting: value}
     with pytest.raises(ValueError) as error:
         GaussianSmoothing(**arguments)
-    message = str(error.value)
-    assert f"{setting} must be " in message
-    assert valid in message
-    assert f"got {value!r}" in message
+    assert_names_the_setting(str(error.value), setting, valid, value)
 
 
 def test_smoothing_refuses_a_radius_larger_than_the_map():

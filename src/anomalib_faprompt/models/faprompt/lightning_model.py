@@ -67,7 +67,8 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
             it must then be at least 1 (zero epochs would learn nothing).
         pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
         post_processor: Post-processor, or ``True`` for anomalib's default.
-        evaluator: Evaluator, or ``True`` for image AUROC/F1, pixel AUROC and AUPRO.
+        evaluator: Evaluator, or ``True`` for the papers' metrics (image AUROC and AP, pixel AUROC and AUPRO)
+            and image F1; threshold-free metrics are computed on raw outputs, before post-processing.
         visualizer: Visualizer, or ``True`` for anomalib's default.
 
     Raises:
