@@ -130,6 +130,16 @@ def test_missing_mask_is_refused_naming_the_image_and_the_expected_mask(widget, 
         auxiliary_setup(tiny_mvtec, widget)
 
 
+def test_missing_mask_is_refused_by_engine_test_before_anomalib_reads_the_dataset(widget, small_clip, tmp_path):
+    (widget / "widget" / "ground_truth" / "spot" / "001_mask.png").unlink()
+    model = FAPrompt(**small_clip, allow_untrained_prompts=True)
+    model.test_step = scoring_must_not_start
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu")
+    expected = r"MVTecAD\(category='widget'\).*test/spot/001\.png has no mask.*ground_truth/spot/001_mask\.png"
+    with pytest.raises(DataValidationError, match=expected):
+        engine.test(model, datamodule=MVTecAD(root=widget, category="widget", num_workers=0))
+
+
 def test_mask_file_missing_from_samples_is_refused(widget):
     image = widget / "widget" / "test" / "spot" / "001.png"
     absent = widget / "widget" / "ground_truth" / "spot" / "absent_mask.png"

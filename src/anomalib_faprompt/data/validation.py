@@ -281,6 +281,21 @@ def _name(dataset: Any) -> str:
     return f"{type(dataset).__name__}(category={category!r})" if category else type(dataset).__name__
 
 
+def check_masks_before_setup(datamodule: Any) -> None:
+    """Refuse anomalous images without masks before anomalib's datamodule setup fails on them in pandas.
+
+    Lightning prepares data (``prepare_data`` of the datamodule, then of the model) before it sets the datamodule
+    up, so the model's ``prepare_data`` calls this where a missing mask can still be named.
+
+    Raises:
+        DataValidationError: Naming each anomalous image without a mask and the mask path anomalib expects.
+    """
+    problems = find_unmasked_images(datamodule) if datamodule is not None else []
+    if problems:
+        category = getattr(datamodule, "category", None)
+        raise refusal(problems, f"data {type(datamodule).__name__}(category={category!r})")
+
+
 def validate_trainer_data(trainer: Trainer | None, stage: str) -> None:
     """Validate the data a Lightning stage is about to read (the model's ``on_<stage>_start`` hooks call this).
 

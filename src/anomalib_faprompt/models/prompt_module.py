@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics
-from anomalib_faprompt.data.validation import validate_trainer_data
+from anomalib_faprompt.data.validation import check_masks_before_setup, validate_trainer_data
 from anomalib_faprompt.prompt_weights import (
     NonFiniteValuesError,
     check_finite,
@@ -263,6 +263,10 @@ class PromptLearningMixin:
             position = next((i for i, callback in enumerate(callbacks) if callback is self.post_processor), 0)
             callbacks.insert(position, self.evaluator.before_post_processing)
         return [*callbacks, PromptWeightsCheckpoint()]
+
+    def prepare_data(self) -> None:
+        """Refuse anomalous images without masks (Lightning calls this before it sets the datamodule up)."""
+        check_masks_before_setup(getattr(self.trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
         """Refuse one-class train splits before any work is done."""
