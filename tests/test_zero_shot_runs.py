@@ -295,3 +295,37 @@ def test_a_second_run_into_a_locked_results_dir_is_refused(tmp_path, root, tiny_
         ZeroShot().run_config(config)
     assert fits == []
     assert prompt_files(tmp_path) == []
+
+
+def test_heat_maps_of_a_multi_layer_model_are_drawn_from_maps_in_the_unit_range(tmp_path, root, tiny_clip, monkeypatch):
+    """AnomalyCLIP's raw map sums one probability per layer (up to 4 here); image conversion would wrap it past 1.
+
+    The visualiser must see the post-processed map in [0, 1] (with its predicted mask), while the table keeps the
+    metrics of the raw outputs.
+    """
+    from anomalib.visualization import ImageVisualizer
+
+    seen: list[tuple[float, float, bool]] = []
+    original = ImageVisualizer.on_test_batch_end
+
+    def record(self, trainer, pl_module, outputs, batch, *args, **kwargs):
+        seen.append((float(outputs.anomaly_map.min()), float(outputs.anomaly_map.max()), outputs.pred_mask is not None))
+        return original(self, trainer, pl_module, outputs, batch, *args, **kwargs)
+
+    monkeypatch.setattr(ImageVisualizer, "on_test_batch_end", record)
+    config = config_for(root, tmp_path / "results", tiny_clip, models=("AnomalyCLIP",))
+    config["models"][0]["init_args"]["feature_layers"] = [2, 4, 6, 8]
+    table = ZeroShot().run_config(config)
+    assert seen, "the visualiser drew nothing"
+    assert all(low >= 0.0 and high <= 1.0 and has_mask for low, high, has_mask in seen), seen
+    # The metrics are still those of the raw outputs.
+    [prompts] = (tmp_path / "results").glob("AnomalyCLIP/*/prompts.pt")
+    model = AnomalyCLIP(**tiny_clip, feature_layers=[2, 4, 6, 8], prompt_weights=prompts, post_processor=False,
+                        visualizer=False)  # fmt: skip
+    batches = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False).predict(
+        model, datamodule=MVTecAD(root=root, category=TARGETS[0], num_workers=0)
+    )
+    maps = torch.cat([batch.anomaly_map for batch in batches]).flatten().numpy()
+    masks = torch.cat([batch.gt_mask for batch in batches]).flatten().numpy()
+    row = table[table.category == TARGETS[0]].iloc[0]
+    assert row.pixel_AUROC == pytest.approx(roc_auc_score(masks, maps), abs=1e-6)

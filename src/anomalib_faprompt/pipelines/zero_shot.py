@@ -501,7 +501,11 @@ class _ModelRun:
         engine = Engine(default_root_dir=self.folder / target.name / category, **self.engine_args)
         if evaluated.learning_type == LearningType.ONE_CLASS:
             engine.fit(evaluated, datamodule=datamodule)
-        evaluated.post_processor = None  # metrics on raw scores and maps
+        # Metrics on raw scores and maps. The prompt models compute them before their post-processor, which stays
+        # to give the heat-maps their [0, 1] range (AnomalyCLIP's raw map sums one probability per feature layer,
+        # which image conversion would wrap past 1); baselines run without one, as anomalib scores after it.
+        if not self.variant.prompt_learning:
+            evaluated.post_processor = None
         evaluated.evaluator = paper_evaluator()
         if evaluated.visualizer is not None:  # a visualiser keeps the folder of its first run
             evaluated.visualizer = evaluated.configure_visualizer()
