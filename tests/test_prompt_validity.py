@@ -104,6 +104,9 @@ def test_fit_without_an_optimiser_step_leaves_prompts_untrained(small_clip, tiny
     with pytest.raises(UntrainedPromptsError, match=r"no optimiser step.*allow_untrained_prompts=True"):
         model.save_prompt_weights(tmp_path / "prompts.pt")
     assert not (tmp_path / "prompts.pt").exists()
+    # Testing after such a fit (``anomalib train --trainer.max_epochs 0``) says why the prompts are untrained.
+    with pytest.raises(UntrainedPromptsError, match=r"cannot test.*0 optimiser steps \(max_epochs=0\)"):
+        engine(tmp_path, max_epochs=0).test(model, dataloaders=loader)
 
 
 def test_a_skipped_amp_step_does_not_train_the_prompts(small_clip):
@@ -312,3 +315,11 @@ def test_checkpoint_of_a_yaml_built_model_reloads(yaml_fit, small_clip, anomalyc
         torch.testing.assert_close(reloaded.model.eval()(images).pred_score, expected, atol=0, rtol=0)
         as_prompts = anomaly_clip(small_clip, prompt_weights=checkpoint)
         torch.testing.assert_close(as_prompts.model.eval()(images).pred_score, expected, atol=0, rtol=0)
+
+
+def test_truncated_prompt_file_is_refused_naming_it(own_prompt_file, small_clip, tmp_path):
+    truncated = tmp_path / "prompts.pt"
+    data = own_prompt_file.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"Could not read prompt weights from '.*prompts\.pt'.*truncated or damaged"):
+        anomaly_clip(small_clip, prompt_weights=truncated)

@@ -262,9 +262,12 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         with anomalib_safe_globals():
             content = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         hint = ""
-        if "omegaconf" in str(error):
+        # A truncated zip archive surfaces as OSError (Errno 22), EOFError or torch's stream reader failing.
+        if isinstance(error, OSError | EOFError) or "PytorchStreamReader" in str(error):
+            hint = " The file looks truncated or damaged (an interrupted copy or write?); write it again."
+        elif "omegaconf" in str(error):
             hint = (
                 " It was written by an earlier version that stored OmegaConf containers in its hyper-parameters; "
                 "re-save its prompts from a trusted session (torch.load(..., weights_only=False)) or retrain."

@@ -242,10 +242,17 @@ class PromptLearningMixin:
 
     def _check_prompts_ready(self, stage: str) -> None:
         if not bool(self.model.prompts_ready) and not self.allow_untrained_prompts:
+            last_fit = getattr(self, "_last_fit", None)
+            cause = (
+                f" The last fit made {last_fit['steps']} optimiser steps (max_epochs={last_fit['max_epochs']}) and "
+                "none changed the prompts: train for at least one epoch on data with anomalous images and masks."
+                if last_fit is not None
+                else ""
+            )
             msg = (
                 f"{self.method_name} cannot {stage}: its prompts were neither trained nor loaded, so its scores would "
-                f"be meaningless. Train it first, pass prompt_weights=/path/to/prompts (CLI: --model.prompt_weights), "
-                f"or set allow_untrained_prompts=True for experiments."
+                f"be meaningless.{cause} Train it first, pass prompt_weights=/path/to/prompts (CLI: "
+                f"--model.prompt_weights), or set allow_untrained_prompts=True for experiments."
             )
             raise UntrainedPromptsError(msg)
 
@@ -272,6 +279,10 @@ class PromptLearningMixin:
         """Refuse one-class train splits before any work is done."""
         self._check_train_split()
         validate_trainer_data(self.trainer, "fit")
+
+    def on_fit_end(self) -> None:
+        """Remember what the fit did, to explain untrained prompts (e.g. ``--trainer.max_epochs 0``) later."""
+        self._last_fit = {"steps": self.trainer.global_step, "max_epochs": self.trainer.max_epochs}
 
     def on_validation_start(self) -> None:
         """Validation outside of fitting needs usable prompts."""
