@@ -7,7 +7,7 @@ import pytest
 from anomalib.data import Folder, MVTecAD
 from PIL import Image
 
-from anomalib_faprompt.data import CATEGORIES, AuxiliaryDataModule, generate_synthetic_dataset
+from anomalib_faprompt.data import CATEGORIES, AuxiliaryDataModule, SyntheticAD, generate_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,43 @@ def test_auxiliary_data_without_masks_is_refused(synthetic_root):
     )
     with pytest.raises(ValueError, match=r"without pixel masks.*image-level-only training is not supported"):
         datamodule.setup()
+
+
+def test_a_category_is_the_same_whether_generated_alone_or_with_others(tmp_path):
+    alone = generate_synthetic_dataset(tmp_path / "alone", categories=["plate"], n_train=1, n_test=1)
+    together = generate_synthetic_dataset(tmp_path / "all", categories=["disc", "plate"], n_train=1, n_test=1)
+    files = sorted(path.relative_to(alone) for path in alone.rglob("*.png"))
+    assert files
+    for path in files:
+        assert np.array_equal(np.asarray(Image.open(alone / path)), np.asarray(Image.open(together / path)))
+
+
+def test_synthetic_datamodule_generates_on_first_use_and_is_named(tmp_path):
+    datamodule = SyntheticAD(root=tmp_path / "synthetic", category="disc", n_train=2, n_test=2, num_workers=0)
+    assert datamodule.name == "SyntheticAD"
+    datamodule.prepare_data()
+    datamodule.setup()
+    assert len(datamodule.train_data) == 2 and len(datamodule.test_data) == 4
+    reference = generate_synthetic_dataset(tmp_path / "reference", categories=["disc"], n_train=2, n_test=2)
+    for path in sorted(reference.rglob("*.png")):
+        written = tmp_path / "synthetic" / path.relative_to(reference)
+        assert np.array_equal(np.asarray(Image.open(written)), np.asarray(Image.open(path)))
+    assert not [path.name for path in (tmp_path / "synthetic").iterdir() if path.name != "disc"], "no leftovers"
+
+
+def test_synthetic_datamodule_refuses_data_generated_with_other_settings(tmp_path):
+    SyntheticAD(root=tmp_path, category="disc", n_train=2, n_test=2).prepare_data()
+    SyntheticAD(root=tmp_path, category="disc", n_train=2, n_test=2).prepare_data()  # same settings: reused
+    with pytest.raises(ValueError, match=r"n_train=3.*n_train=2|n_train.*2.*3"):
+        SyntheticAD(root=tmp_path, category="disc", n_train=3, n_test=2).prepare_data()
+
+
+def test_synthetic_datamodule_refuses_unknown_category_at_construction(tmp_path):
+    with pytest.raises(ValueError, match=r"category 'marble'.*disc"):
+        SyntheticAD(root=tmp_path, category="marble")
+
+
+def test_synthetic_datamodule_by_short_name():
+    import anomalib.data
+
+    assert anomalib.data.SyntheticAD is SyntheticAD

@@ -13,10 +13,12 @@ def register() -> None:
     import anomalib.data as anomalib_data
     import anomalib.models as anomalib_models
 
-    from .data import AuxiliaryDataModule
+    from .data import AuxiliaryDataModule, SyntheticAD
     from .models import AnomalyCLIP, FAPrompt
 
-    anomalib_data.AuxiliaryDataModule = AuxiliaryDataModule  # anomalib.data.get_datamodule looks names up there
+    # anomalib.data.get_datamodule looks names up there
+    anomalib_data.AuxiliaryDataModule = AuxiliaryDataModule
+    anomalib_data.SyntheticAD = SyntheticAD
 
     for model_class in (AnomalyCLIP, FAPrompt):
         setattr(anomalib_models, model_class.__name__, model_class)

@@ -1,7 +1,7 @@
 """Data for the zero-shot protocol: auxiliary training datamodule, synthetic categories, input checks."""
 
 from .auxiliary import AuxiliaryDataModule
-from .synthetic import CATEGORIES, DEFECTS, generate_synthetic_dataset
+from .synthetic import CATEGORIES, DEFECTS, SyntheticAD, generate_synthetic_dataset
 from .validation import DataValidationError, validate_samples
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "DEFECTS",
     "AuxiliaryDataModule",
     "DataValidationError",
+    "SyntheticAD",
     "generate_synthetic_dataset",
     "validate_samples",
 ]

@@ -2,7 +2,8 @@
 
 Each category is a texture or an object family with per-image variation; anomalous images carry
 one of several defect types (scratch, spot, crack, stain) with a pixel mask. The folder reads with
-anomalib's ``MVTecAD`` (or ``Folder``) datamodule, offline.
+anomalib's ``MVTecAD`` (or ``Folder``) datamodule, offline; :class:`SyntheticAD` is that datamodule
+under its own name, writing a category on first use as anomalib's datamodules download theirs.
 
 Example:
     >>> import tempfile
@@ -17,10 +18,15 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from anomalib.data import MVTecAD
 from PIL import Image, ImageDraw, ImageFilter
 
 Generator = np.random.Generator
@@ -130,8 +136,10 @@ def generate_synthetic_dataset(
     if unknown:
         msg = f"Unknown synthetic categories/defects {unknown}; categories: {sorted(CATEGORIES)}, defects: {DEFECTS}."
         raise ValueError(msg)
-    for index, category in enumerate(categories):
-        rng = np.random.default_rng([seed, index])
+    for category in categories:
+        # Seeded by the category's place in CATEGORIES, not in ``categories``: a category is the same images
+        # whether it is generated alone or with others.
+        rng = np.random.default_rng([seed, list(CATEGORIES).index(category)])
         draw = CATEGORIES[category]
         folder = root / category
 
@@ -150,3 +158,85 @@ def generate_synthetic_dataset(
             save(image * (1 - weight) + np.array(colour) * weight, folder / "test" / kind / f"{number:03d}.png")
             save(np.asarray(mask, dtype=float), folder / "ground_truth" / kind / f"{number:03d}_mask.png")
     return root
+
+
+class SyntheticAD(MVTecAD):
+    """The synthetic categories as an anomalib datamodule, written on first use.
+
+    An ``MVTecAD`` datamodule whose ``prepare_data`` generates the category (instead of downloading it) when
+    ``<root>/<category>`` does not exist, and whose name, ``SyntheticAD``, is what result tables, folders and
+    logs show. The generation settings are kept in ``<root>/<category>/synthetic.json``; a folder written
+    with other settings is refused rather than silently reused.
+
+    Args:
+        root: Folder holding the categories.
+        category: One of :data:`CATEGORIES`.
+        n_train: Normal training images generated for the category.
+        n_test: Normal and anomalous test images generated for the category (each).
+        image_size: Side of the generated images.
+        generation_seed: Seed of the generated images (``seed`` is anomalib's split seed).
+        **kwargs: ``MVTecAD``'s other arguments (batch sizes, workers, split modes, augmentations, ``seed``).
+
+    Example:
+        >>> import tempfile
+        >>> from anomalib_faprompt.data import SyntheticAD
+        >>> datamodule = SyntheticAD(root=tempfile.mkdtemp(), category="disc", n_train=2, n_test=2, num_workers=0)
+        >>> datamodule.prepare_data()
+        >>> datamodule.setup()
+        >>> datamodule.name, len(datamodule.train_data), len(datamodule.test_data)
+        ('SyntheticAD', 2, 4)
+    """
+
+    def __init__(
+        self,
+        root: Path | str = "./datasets/synthetic",
+        category: str = "disc",
+        n_train: int = 8,
+        n_test: int = 6,
+        image_size: int = 128,
+        generation_seed: int = 0,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
+        if category not in CATEGORIES:
+            msg = f"SyntheticAD: unknown category {category!r}; the synthetic categories are {sorted(CATEGORIES)}."
+            raise ValueError(msg)
+        for name, value, low in (("n_train", n_train, 1), ("n_test", n_test, 1), ("image_size", image_size, 16)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                msg = f"SyntheticAD: {name} must be an integer >= {low}, got {value!r}."
+                raise ValueError(msg)
+        super().__init__(root=root, category=category, **kwargs)
+        self.generation = {"n_train": n_train, "n_test": n_test, "image_size": image_size, "seed": generation_seed}
+
+    def prepare_data(self) -> None:
+        """Generate the category unless it exists; refuse one generated with other settings."""
+        folder = self.root / self.category
+        record = folder / "synthetic.json"
+        if folder.is_dir():
+            written = json.loads(record.read_text()) if record.is_file() else None
+            if written is not None and written != self.generation:
+                differing = ", ".join(
+                    f"{key}={self.generation[key]} (on disk: {key}={written.get(key)})"
+                    for key in self.generation
+                    if written.get(key) != self.generation[key]
+                )
+                msg = (
+                    f"SyntheticAD: {folder} was generated with other settings: {differing}. "
+                    "Use another root, delete the folder, or pass the settings it was generated with."
+                )
+                raise ValueError(msg)
+            return
+        # Generated beside the destination and moved into place in one step, so an interrupted run never leaves a
+        # half-written category that a later run would take as complete.
+        staging = self.root / f".{self.category}.generating-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        generate_synthetic_dataset(
+            staging,
+            categories=[self.category],
+            n_train=self.generation["n_train"],
+            n_test=self.generation["n_test"],
+            image_size=self.generation["image_size"],
+            seed=self.generation["seed"],
+        )
+        (staging / self.category / "synthetic.json").write_text(json.dumps(self.generation))
+        os.replace(staging / self.category, folder)
+        staging.rmdir()
