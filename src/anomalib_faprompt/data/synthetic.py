@@ -195,7 +195,7 @@ class SyntheticAD(MVTecAD):
         n_test: int = 6,
         image_size: int = 128,
         generation_seed: int = 0,
-        **kwargs: Any,  # noqa: ANN401
+        **kwargs: Any,
     ) -> None:
         if category not in CATEGORIES:
             msg = f"SyntheticAD: unknown category {category!r}; the synthetic categories are {sorted(CATEGORIES)}."
