@@ -50,7 +50,7 @@ class VisualMemory(nn.Module):
     @property
     def is_empty(self) -> bool:
         """Whether no reference was added."""
-        return 0 in self.bank.shape  # shapes, unlike numel(), stay Python ints when traced for export
+        return self.bank.numel() == 0
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +103,7 @@ class VisualMemory(nn.Module):
         Raises:
             RuntimeError: When the memory is empty.
         """
-        if self.is_empty:
+        if not torch.jit.is_tracing() and self.is_empty:  # an export traces a filled memory
             msg = "VisualMemory has no references: add the features of k normal images first (k_shot >= 1)."
             raise RuntimeError(msg)
         with torch.autocast(features.device.type, enabled=False):
