@@ -34,6 +34,7 @@ from anomalib_faprompt.prompt_weights import (
     plain_data,
     save_prompt_weights,
 )
+from anomalib_faprompt.visualization import HeatMapVisualizer
 
 if TYPE_CHECKING:
     from anomalib import TaskType
@@ -205,6 +206,15 @@ class PromptLearningMixin:
         return RawOutputEvaluator(
             test_metrics=[*paper_metrics(strict=False), F1Score(fields=["pred_label", "gt_label"], prefix="image_")]
         )
+
+    @staticmethod
+    def configure_visualizer() -> HeatMapVisualizer:
+        """Heat-maps with titled, distinct panels and, for untrained CLIP weights, a notice below them.
+
+        The panels are Image, Gt Mask, Pred Mask and Image + Anomaly Map, those the data and the model give; the
+        notice names e.g. the random small CLIP (see :mod:`anomalib_faprompt.visualization`).
+        """
+        return HeatMapVisualizer()
 
     @property
     def learning_type(self) -> LearningType:
