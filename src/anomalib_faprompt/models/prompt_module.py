@@ -21,9 +21,11 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
+from anomalib_faprompt.callbacks import MODEL_CREATED, hand_over_callbacks
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics
 from anomalib_faprompt.data.validation import check_masks_before_setup, validate_trainer_data
+from anomalib_faprompt.logs import quiet_export
 from anomalib_faprompt.prompt_weights import (
     NonFiniteValuesError,
     check_finite,
@@ -270,7 +272,9 @@ class PromptLearningMixin:
         """Anomalib's component callbacks, raw-output metrics before the post-processor, and the prompt-file writer.
 
         An evaluator given by the user (or set later, as pipelines do) gets the same treatment as the default one:
-        its threshold-free metrics are computed on raw outputs, so every path reports the same numbers.
+        its threshold-free metrics are computed on raw outputs, so every path reports the same numbers. The
+        trainer's default progress bar becomes one that names the model, dataset and category
+        (:func:`~anomalib_faprompt.callbacks.hand_over_callbacks`).
         """
         if isinstance(self.evaluator, Evaluator):
             self.evaluator = RawOutputEvaluator.from_evaluator(self.evaluator)
@@ -279,7 +283,9 @@ class PromptLearningMixin:
         if isinstance(self.evaluator, RawOutputEvaluator):
             position = next((i for i, callback in enumerate(callbacks) if callback is self.post_processor), 0)
             callbacks.insert(position, self.evaluator.before_post_processing)
-        return [*callbacks, PromptWeightsCheckpoint()]
+        prompt_file_writer = PromptWeightsCheckpoint()
+        setattr(prompt_file_writer, MODEL_CREATED, True)
+        return hand_over_callbacks(self, [*callbacks, prompt_file_writer])
 
     def prepare_data(self) -> None:
         """Refuse anomalous images without masks (Lightning calls this before it sets the datamodule up)."""
@@ -309,6 +315,14 @@ class PromptLearningMixin:
         """Prediction needs usable prompts."""
         self._check_prompts_ready("predict")
         validate_trainer_data(self.trainer, "predict")
+
+    def on_predict_end(self) -> None:
+        """Say where the visualiser wrote the images (``anomalib predict`` would not say otherwise)."""
+        folder = getattr(self.visualizer, "output_dir", None)
+        if folder is not None and self.trainer.is_global_zero:
+            # Resolved: anomalib's results folders go through a ``latest`` link that the next run moves.
+            folder = Path(folder).resolve()
+            logger.info("%s: visualisations of the predicted images written under %s", self.name, folder)
 
     def val_dataloader(self) -> list:
         """No validation data of the model's own.
@@ -550,7 +564,9 @@ class PromptLearningMixin:
         """
         self._prepare_export()
         kwargs.setdefault("opset_version", ONNX_OPSET)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        kwargs.setdefault("verbose", False)  # torch.onnx's step-by-step prints
+        with quiet_export():
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     def to_openvino(
         self,
