@@ -26,8 +26,11 @@ from pathlib import Path
 import pytest
 import yaml
 from anomalib.engine import Engine
+from anomalib.post_processing import PostProcessor
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from anomalib_faprompt import FAPrompt
+from anomalib_faprompt.callbacks import RunProgressBar
 from anomalib_faprompt.data import generate_synthetic_dataset
 from anomalib_faprompt.models.prompt_module import UntrainedPromptsError
 
@@ -190,6 +193,38 @@ def test_engine_predict_without_prompts_keeps_the_checkpoint_warning_and_refuses
     with caplog.at_level(logging.INFO), pytest.raises(UntrainedPromptsError, match="neither trained nor loaded"):
         engine.predict(FAPrompt(**small_clip), data_path=image)
     assert any(CKPT_WARNING in message for message in _records(caplog)), _records(caplog)
+
+
+OVERRIDE_NOTE = "will override existing callbacks passed to Trainer"
+
+
+def test_engine_predict_names_its_bar_and_replaces_the_models_own_callbacks_silently(
+    small_clip, released_prompts, tiny_mvtec, tmp_path, caplog
+):
+    image = tiny_mvtec / "widget" / "test" / "spot" / "000.png"
+    model = FAPrompt(**small_clip, prompt_weights=released_prompts["FAPrompt"])
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False)
+    with caplog.at_level(logging.INFO):
+        engine.predict(model, data_path=image)  # two stages on one trainer: validation (nothing to see), predict
+    assert not any(OVERRIDE_NOTE in message for message in _records(caplog)), _records(caplog)
+    bar = engine.trainer.progress_bar_callback
+    assert isinstance(bar, RunProgressBar)
+    assert bar.predict_description == "FAPrompt · spot · Predicting"
+    assert [type(callback) for callback in engine.trainer.callbacks].count(RunProgressBar) == 1
+
+
+def test_callbacks_and_progress_bar_a_user_passed_keep_lightnings_behaviour(
+    small_clip, released_prompts, tiny_mvtec, tmp_path, caplog
+):
+    image = tiny_mvtec / "widget" / "test" / "spot" / "000.png"
+    model = FAPrompt(**small_clip, prompt_weights=released_prompts["FAPrompt"])
+    users_bar = TQDMProgressBar()
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False, callbacks=[users_bar, PostProcessor()])
+    with caplog.at_level(logging.INFO):
+        engine.predict(model, data_path=image)
+    notes = [message for message in _records(caplog) if OVERRIDE_NOTE in message]
+    assert len(notes) == 1 and notes[0].endswith(": PostProcessor"), _records(caplog)  # the user's, replaced
+    assert engine.trainer.progress_bar_callback is users_bar
 
 
 USER_PROGRAM = textwrap.dedent(
