@@ -5,6 +5,12 @@ open_clip JSON model config. Weights come from an open_clip pretrained tag (``"o
 from a local file (OpenAI's JIT archive, or an OpenAI/open_clip state dict), or are left
 randomly initialised with ``pretrained=None``.
 
+A tag's file is taken from the download caches first (Hugging Face hub cache, open_clip's URL cache),
+without network. Otherwise it is downloaded, unless the machine is offline: with ``HF_HUB_OFFLINE``
+set, or when the server does not answer within a few seconds, :class:`WeightsNotFoundError` says at
+once which file to fetch and to pass ``pretrained=/path/to/that/file`` (instead of the downloaders'
+minute of retries).
+
 Example:
     >>> from anomalib_faprompt.clip import build_clip
     >>> clip = build_clip("ViT-B-16", pretrained=None)
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -90,8 +97,98 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}, False
 
 
+#: Seconds to wait for the download server to answer before a tag that is not cached counts as unobtainable.
+PROBE_TIMEOUT = 3.0
+
+
+def _is_set(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why the server of ``url`` cannot be reached, or ``None`` when it answers (any HTTP status).
+
+    One HEAD request with a short timeout, in a thread so that a slow name lookup cannot hold it up either.
+    Proxies from the environment apply, as for the download. A TLS failure means a server answered, so it
+    counts as reachable (the downloader may trust other certificates).
+    """
+    import ssl
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: dict[str, str | None] = {}
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                pass
+            outcome["reason"] = None
+        except urllib.error.HTTPError:
+            outcome["reason"] = None
+        except urllib.error.URLError as error:
+            tls = isinstance(error.reason, ssl.SSLError | ssl.CertificateError)
+            outcome["reason"] = None if tls else f"{type(error.reason).__name__}: {error.reason}"
+        except ssl.SSLError:
+            outcome["reason"] = None
+        except Exception as error:
+            outcome["reason"] = f"{type(error).__name__}: {error}"
+
+    thread = threading.Thread(target=probe, name="clip-weights-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return outcome.get("reason", f"no answer within {timeout:g} s")
+
+
+def _hub_files(pretrained_cfg: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """The Hugging Face repository and the file names open_clip tries for a tag, when it uses the hub."""
+    from open_clip import pretrained as open_clip_pretrained
+
+    hub = pretrained_cfg.get("hf_hub", "")
+    if not hub or not open_clip_pretrained.has_hf_hub():
+        return None
+    repository, filename = hub.rsplit("/", 1)
+    filename = filename or open_clip_pretrained.HF_WEIGHTS_NAME
+    alternatives = getattr(open_clip_pretrained, "_get_safe_alternatives", lambda name: ())
+    return repository, [*alternatives(filename), filename]
+
+
+def _url_cache_file(url: str, cache_dir: str | None) -> Path:
+    """Where open_clip keeps a file it downloads from a URL (and OpenAI's ``clip`` package keeps its own)."""
+    return Path(cache_dir or Path("~/.cache/clip").expanduser()) / Path(url).name
+
+
+def _cached_tag(pretrained_cfg: dict[str, Any], cache_dir: str | None) -> str | None:
+    """The tag's weights file when a download cache holds it (no network)."""
+    import huggingface_hub
+
+    hub = _hub_files(pretrained_cfg)
+    if hub is not None:
+        repository, filenames = hub
+        for filename in filenames:
+            cached = huggingface_hub.try_to_load_from_cache(repository, filename, cache_dir=cache_dir)
+            if isinstance(cached, str) and Path(cached).is_file():
+                return cached
+    url = pretrained_cfg.get("url")
+    if url and _url_cache_file(url, cache_dir).is_file():
+        from open_clip.pretrained import download_pretrained_from_url
+
+        return download_pretrained_from_url(url, cache_dir=cache_dir)  # checks the file's SHA-256, no download
+    return None
+
+
 def _download_tag(name: str, tag: str, cache_dir: str | None) -> str:
+    """The local file of an open_clip tag's weights: from a cache, or downloaded.
+
+    Offline this fails within seconds, before huggingface_hub's and open_clip's retry loops: when
+    ``HF_HUB_OFFLINE`` is set, or when the server (``HF_ENDPOINT``, or the tag's URL) does not answer
+    within :data:`PROBE_TIMEOUT` seconds.
+
+    Raises:
+        WeightsNotFoundError: Saying where to download the file and to pass ``pretrained=/path/to/file``.
+    """
     import open_clip
+    from huggingface_hub import constants
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
     pretrained_cfg = get_pretrained_cfg(name, tag)
@@ -102,16 +199,39 @@ def _download_tag(name: str, tag: str, cache_dir: str | None) -> str:
             f"Known tags: {tags}. Pass pretrained=/path/to/weights for a local file."
         )
         raise WeightsNotFoundError(msg)
+    if "file" in pretrained_cfg:
+        return pretrained_cfg["file"]
+    cached = _cached_tag(pretrained_cfg, cache_dir)
+    if cached is not None:
+        return cached
+
+    hub = _hub_files(pretrained_cfg)
+    url = pretrained_cfg.get("url", "")
+    sources = [url] if url else []
+    if hub is not None:
+        sources.append(f"{constants.ENDPOINT}/{hub[0]}/resolve/main/{hub[1][-1]}")
+    advice = (
+        f"Download them from {' or '.join(sources)} on a machine with internet access, copy the file here and pass "
+        f"pretrained=/path/to/that/file (CLI: --model.pretrained /path/to/that/file)."
+    )
+    if hub is not None:
+        offline = constants.HF_HUB_OFFLINE or _is_set(os.environ.get("HF_HUB_OFFLINE"))
+        reason = "HF_HUB_OFFLINE is set" if offline else _unreachable(constants.ENDPOINT)
+        server = constants.ENDPOINT
+    else:
+        reason = _unreachable(url)
+        server = url
+    if reason is not None:
+        msg = (
+            f"Could not obtain the '{tag}' weights of {name}: they are in no download cache and {server} cannot be "
+            f"reached ({reason}). This machine may be offline. {advice}"
+        )
+        raise WeightsNotFoundError(msg)
     try:
         return download_pretrained(pretrained_cfg, cache_dir=cache_dir)
     except Exception as error:
-        source = pretrained_cfg.get("url") or f"https://huggingface.co/{pretrained_cfg.get('hf_hub', '')}"
-        msg = (
-            f"Could not obtain the '{tag}' weights of {name} ({type(error).__name__}: {error}). "
-            f"This machine may be offline. Download them from {source} on a machine with internet "
-            f"access, copy the file here and pass pretrained=/path/to/that/file "
-            f"(CLI: --model.pretrained /path/to/that/file)."
-        )
+        detail = " ".join(f"{type(error).__name__}: {error}".split())
+        msg = f"Could not obtain the '{tag}' weights of {name} ({detail}). {advice}"
         raise WeightsNotFoundError(msg) from error
 
 
