@@ -114,6 +114,12 @@ class PromptLearningMixin:
         # Checkpoints are read with weights_only=True, which refuses OmegaConf containers (YAML configs pass
         # lists as ListConfig) and anything but plain Python: store plain values so every path can reload them.
         self.hparams.update(plain_data(dict(self.hparams)))
+        # Files by absolute path: a checkpoint rebuilds its model (load_from_checkpoint, the CLI's --ckpt_path)
+        # from any working directory.
+        for name in ("backbone", "pretrained", "prompt_weights"):
+            value = self.hparams.get(name)
+            if isinstance(value, str) and Path(value).is_file():
+                self.hparams[name] = str(Path(value).resolve())
         self.prompt_weights = prompt_weights
         self.max_epochs = max_epochs
         self.allow_untrained_prompts = allow_untrained_prompts
