@@ -3,6 +3,8 @@
 ``anomalib.models.get_model("FAPrompt")`` looks among ``AnomalibModule``'s direct subclasses,
 ``get_model({"class_path": "FAPrompt"})`` and the CLI look the name up on ``anomalib.models``;
 ``anomalib <subcommand>`` looks pipelines up in ``anomalib.cli.pipelines.PIPELINE_REGISTRY``.
+``anomalib.cli.cli.AnomalibCLI`` gets the hooks of :mod:`anomalib_faprompt.cli` (checkpoints rebuild
+our models; their errors end the program in one line).
 """
 
 from __future__ import annotations
@@ -24,6 +26,24 @@ def register() -> None:
         setattr(anomalib_models, model_class.__name__, model_class)
         if model_class.__name__ not in anomalib_models.__all__:
             anomalib_models.__all__.append(model_class.__name__)
+
+    register_cli()
+
+
+def register_cli() -> None:
+    """Hook :mod:`anomalib_faprompt.cli` into ``AnomalibCLI`` once ``anomalib.cli.cli`` has loaded (idempotent)."""
+    import sys
+
+    cli_module = sys.modules.get("anomalib.cli.cli")
+    cli_class = getattr(cli_module, "AnomalibCLI", None)
+    if cli_class is None:
+        # Not imported, or part-way through its own imports (it imports anomalib.models, whose hook imports this
+        # package): the start-up hook calls this again once the module has finished loading.
+        return
+
+    from .cli import install
+
+    install(cli_class)
 
 
 def register_pipelines() -> None:
