@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from anomalib.data import MVTecAD
@@ -27,8 +29,28 @@ def test_offline_tag_says_which_file_to_get(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(WeightsNotFoundError, match=r"openaipublic.*ViT-B-16\.pt.*pretrained=/path/to/that/file"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    expected = r"HF_HUB_OFFLINE is set.*openaipublic.*ViT-B-16\.pt.*pretrained=/path/to/that/file"
+    with pytest.raises(WeightsNotFoundError, match=expected):
         AnomalyCLIP(backbone="ViT-B-16", pretrained="openai", image_size=224, feature_layers=(12,), dpam_layers=10)
+    assert time.monotonic() - start < 5
+
+
+def test_cli_reports_a_bad_setting_in_its_last_line(small_clip, capsys):
+    """Not inside jsonargparse's "Does not validate against any of the Union subtypes" dump."""
+    from anomalib.cli.cli import AnomalibCLI
+
+    arguments = ["test", "--model", "FAPrompt", "--model.backbone", small_clip["backbone"]]
+    arguments += ["--model.pretrained", "null"]
+    with pytest.raises(SystemExit) as exit_info:
+        AnomalibCLI([*arguments, "--model.image_size", "225", "--data", "MVTecAD"], run=False)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    last = [line for line in error.splitlines() if line.strip()][-1]
+    assert "image_size" in last
+    assert "multiple of the backbone's patch size 14" in last
+    assert "Union subtypes" not in error
 
 
 def test_unknown_backbone(tmp_path):
