@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from anomalib.data import MVTecAD
+from anomalib.data import ImageItem, MVTecAD
 from anomalib.engine import Engine
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -24,8 +26,9 @@ ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 AUXILIARY, HELD_OUT = ["stripes", "checker", "grain"], ["disc", "plate"]
 
 
-def protocol(root: Path, results: Path, small_clip: dict, models: list[str], max_epochs: int = 5) -> dict:
-    dataset = {"class_path": "MVTecAD", "init_args": {"root": str(root)}}
+def protocol(root: Path, results: Path, small_clip: dict, models: list[str], max_epochs: int = 5,
+             dataset: dict | None = None) -> dict:  # fmt: skip
+    dataset = dataset or {"class_path": "MVTecAD", "init_args": {"root": str(root)}}
     settings = {
         "AnomalyCLIP": {**small_clip, "feature_layers": [2, 4, 6, 8]},
         "FAPrompt": small_clip,
@@ -73,7 +76,15 @@ def test_cli_writes_the_table_with_one_row_per_model_and_category(cli_run):
         for metric in ("image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO"):
             assert per_category[metric].between(0, 1).all()
             assert mean[metric] == pytest.approx(per_category[metric].mean())
-    assert (results / "results.md").read_text().count("\n") == len(table) + 2
+    markdown = (results / "results.md").read_text().splitlines()
+    assert all(line.startswith("|") for line in markdown[: len(table) + 2])  # header, separator, one line a row
+    assert markdown[len(table) + 2 :] == [  # the random small CLIP and PatchCore's random backbone, named
+        "",
+        "Untrained weights: these numbers show the pipeline working, not the method's accuracy.",
+        "- AnomalyCLIP: the random small CLIP of shared/golden (clip_small_seed0.pt)",
+        "- FAPrompt: the random small CLIP of shared/golden (clip_small_seed0.pt)",
+        "- Patchcore: a backbone with random weights (pre_trained=False)",
+    ]
     assert (results / "results.png").stat().st_size > 10_000
     assert "| FAPrompt | mean | mean |" in result.stdout
     assert len(list(results.glob("FAPrompt/*/prompts.pt"))) == 1  # <model>/<settings fingerprint>/prompts.pt
@@ -137,3 +148,72 @@ def test_unknown_category(tmp_path, small_clip, synthetic_root):
     config["targets"][0]["categories"] = ["disc", "marble"]
     with pytest.raises(ValueError, match=r"MVTecAD: unknown categories \['marble'\]; available:"):
         ZeroShot().run_config(config)
+
+
+# Heat-maps and untrained-weights notices (no run needed) -------------------------------------------------------------
+
+
+def heat_map_item(present: tuple[str, ...]) -> ImageItem:
+    """A 64 px item with an anomaly map and, if in ``present``, a ground truth and a (different) predicted mask."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[16:40, 20:44] = True
+    return ImageItem(
+        image=torch.rand(3, 64, 64, generator=generator),
+        anomaly_map=torch.rand(64, 64, generator=generator),
+        gt_mask=mask if "gt_mask" in present else None,
+        pred_mask=mask.roll(8, dims=1) if "pred_mask" in present else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("present", "titles"),
+    [
+        (("gt_mask", "pred_mask"), ["Image", "Gt Mask", "Pred Mask", "Image + Anomaly Map"]),
+        (("gt_mask",), ["Image", "Gt Mask", "Image + Anomaly Map"]),  # no post-processor: no predicted mask
+        ((), ["Image", "Image + Anomaly Map"]),  # predict on images without masks
+    ],
+)
+@pytest.mark.parametrize("method", [AnomalyCLIP, FAPrompt])
+def test_heat_map_panels_are_titled_and_none_repeats_another(method, present, titles):
+    item = heat_map_item(present)
+    drawn = method.configure_visualizer().visualize(item)
+    assert drawn.size == (256 * len(titles), 256)
+    untitled = method.configure_visualizer()
+    untitled.text_config["enable"] = False  # compare the panels' content, not their titles
+    plain = np.asarray(untitled.visualize(item))
+    panels = [plain[:, 256 * index : 256 * (index + 1)] for index in range(len(titles))]
+    for first, second in itertools.combinations(range(len(titles)), 2):
+        assert not np.array_equal(panels[first], panels[second]), (titles[first], titles[second])
+    assert method.configure_visualizer().panel_titles(item) == titles
+
+
+def test_a_notice_strip_goes_below_the_panels():
+    from anomalib_faprompt.visualization import NOTICE_HEIGHT, HeatMapVisualizer
+
+    item = heat_map_item(("gt_mask", "pred_mask"))
+    without = np.asarray(HeatMapVisualizer().visualize(item))
+    noticed = np.asarray(HeatMapVisualizer(notice="untrained weights").visualize(item))
+    assert noticed.shape == (256 + NOTICE_HEIGHT, 4 * 256, 3)
+    assert np.array_equal(noticed[:256], without)
+    assert noticed[256:].any()  # the text
+
+
+def test_the_random_small_clip_is_recognised_by_its_content_not_its_path(small_clip, tmp_path):
+    from anomalib.models import Patchcore
+
+    from anomalib_faprompt.visualization import untrained_weights_notice
+
+    golden = "the random small CLIP of shared/golden (clip_small_seed0.pt)"
+    assert untrained_weights_notice(FAPrompt(**small_clip)) == golden
+    renamed = tmp_path / "my_clip.pt"
+    shutil.copy(small_clip["pretrained"], renamed)
+    assert untrained_weights_notice(AnomalyCLIP(**{**small_clip, "pretrained": str(renamed)})) == golden
+    other = torch.load(small_clip["pretrained"], map_location="cpu", weights_only=True)
+    other["logit_scale"] = other["logit_scale"] + 2  # any other weights of this architecture, trained or not
+    torch.save(other, tmp_path / "other.pt")
+    assert untrained_weights_notice(FAPrompt(**{**small_clip, "pretrained": str(tmp_path / "other.pt")})) is None
+    random_init = untrained_weights_notice(FAPrompt(**{**small_clip, "pretrained": None}))
+    assert random_init == "a CLIP with randomly initialised weights (pretrained=None)"
+    baseline = Patchcore(backbone="resnet18", pre_trained=False, layers=["layer2", "layer3"])
+    assert untrained_weights_notice(baseline) == "a backbone with random weights (pre_trained=False)"

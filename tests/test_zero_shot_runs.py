@@ -6,7 +6,9 @@ one epoch: a run takes seconds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import logging
 import re
@@ -19,6 +21,7 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from anomalib_faprompt import AnomalyCLIP
@@ -43,8 +46,10 @@ def tiny_clip(small_clip) -> dict[str, Any]:
     return {**small_clip, "image_size": 112}  # the small CLIP's native size: 4x cheaper than 224
 
 
-def config_for(root: Path, results: Path, tiny_clip: dict, models: tuple[str, ...] = ("FAPrompt",)) -> dict:
-    config = copy.deepcopy(protocol(root, results, tiny_clip, list(models), max_epochs=1))  # tests change it
+def config_for(root: Path, results: Path, tiny_clip: dict, models: tuple[str, ...] = ("FAPrompt",),
+               dataset: dict | None = None) -> dict:  # fmt: skip
+    # A copy: the tests change it.
+    config = copy.deepcopy(protocol(root, results, tiny_clip, list(models), max_epochs=1, dataset=dataset))
     config["auxiliary"]["categories"] = list(AUXILIARY)
     config["targets"][0]["categories"] = list(TARGETS)
     return config
@@ -303,16 +308,16 @@ def test_heat_maps_of_a_multi_layer_model_are_drawn_from_maps_in_the_unit_range(
     The visualiser must see the post-processed map in [0, 1] (with its predicted mask), while the table keeps the
     metrics of the raw outputs.
     """
-    from anomalib.visualization import ImageVisualizer
+    from anomalib_faprompt.visualization import HeatMapVisualizer
 
     seen: list[tuple[float, float, bool]] = []
-    original = ImageVisualizer.on_test_batch_end
+    original = HeatMapVisualizer.on_test_batch_end
 
     def record(self, trainer, pl_module, outputs, batch, *args, **kwargs):
         seen.append((float(outputs.anomaly_map.min()), float(outputs.anomaly_map.max()), outputs.pred_mask is not None))
         return original(self, trainer, pl_module, outputs, batch, *args, **kwargs)
 
-    monkeypatch.setattr(ImageVisualizer, "on_test_batch_end", record)
+    monkeypatch.setattr(HeatMapVisualizer, "on_test_batch_end", record)
     config = config_for(root, tmp_path / "results", tiny_clip, models=("AnomalyCLIP",))
     config["models"][0]["init_args"]["feature_layers"] = [2, 4, 6, 8]
     table = ZeroShot().run_config(config)
@@ -329,3 +334,120 @@ def test_heat_maps_of_a_multi_layer_model_are_drawn_from_maps_in_the_unit_range(
     masks = torch.cat([batch.gt_mask for batch in batches]).flatten().numpy()
     row = table[table.category == TARGETS[0]].iloc[0]
     assert row.pixel_AUROC == pytest.approx(roc_auc_score(masks, maps), abs=1e-6)
+
+
+# Outputs: one folder level per model, dataset and category; the datamodule's name; heat-maps; notices ---------------
+
+SYNTHETIC = {"n_train": 2, "n_test": 2, "image_size": 64}
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory, tiny_clip) -> tuple[Path, Path, pd.DataFrame, str]:
+    """FAPrompt and PatchCore (random backbone) on SyntheticAD categories the run generates: nothing on disk before."""
+    folder = tmp_path_factory.mktemp("synthetic_run")
+    data, results = folder / "data", folder / "results"
+    dataset = {"class_path": "SyntheticAD", "init_args": {"root": str(data), **SYNTHETIC}}
+    config = config_for(data, results, tiny_clip, models=("FAPrompt", "Patchcore"), dataset=dataset)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        table = ZeroShot().run_config(config)
+    return data, results, table, printed.getvalue()
+
+
+def test_the_results_tree_has_one_level_per_model_dataset_and_category(synthetic_run):
+    data, results, _, _ = synthetic_run
+    [faprompt] = [f"FAPrompt/{path.name}" for path in (results / "FAPrompt").iterdir()]
+    [patchcore] = [f"Patchcore/{path.name}" for path in (results / "Patchcore").iterdir()]
+    test_images = sorted(path.relative_to(data / "disc" / "test") for path in (data / "disc" / "test").rglob("*.png"))
+    kinds = sorted({image.parent.name for image in test_images})  # "good" and the generated defects
+
+    def category_folders(model: str) -> set[str]:
+        category = f"{model}/SyntheticAD/disc"
+        images = [f"{category}/images", *(f"{category}/images/{kind}" for kind in kinds)]
+        return {f"{model}/SyntheticAD", category, *images, f"{category}/weights", f"{category}/weights/lightning"}
+
+    expected = {
+        "FAPrompt", faprompt, f"{faprompt}/rows", f"{faprompt}/weights", f"{faprompt}/weights/lightning",  # the fit
+        *category_folders(faprompt),
+        "Patchcore", patchcore, f"{patchcore}/rows", *category_folders(patchcore),
+    }  # fmt: skip
+    assert {path.relative_to(results).as_posix() for path in results.rglob("*") if path.is_dir()} == expected
+    assert not [path for path in results.rglob("*") if path.is_symlink()], "no versioned folders, no 'latest' links"
+    assert (results / faprompt / "prompts.pt").is_file()
+    assert (results / faprompt / "weights" / "lightning" / "model.ckpt").is_file()  # the prompt learning's checkpoint
+    for model in (faprompt, patchcore):
+        images = results / model / "SyntheticAD" / "disc" / "images"
+        assert sorted(path.relative_to(images) for path in images.rglob("*.png")) == test_images  # one per image
+
+
+def test_the_dataset_column_and_folders_name_the_datamodule(synthetic_run):
+    data, results, table, printed = synthetic_run
+    assert sorted(path.name for path in data.iterdir()) == ["disc", "stripes"]  # written on first use by the run
+    assert set(table.dataset) == {"SyntheticAD", "mean"}
+    assert "| FAPrompt | SyntheticAD | disc |" in printed
+    rows = sorted(path.name.split("-")[0] for path in results.glob("*/*/rows/*.json"))
+    assert rows == ["SyntheticAD_disc", "SyntheticAD_disc"]
+
+
+def test_a_folder_dataset_is_named_by_its_name_argument(root):
+    from anomalib_faprompt.pipelines.zero_shot import DatasetSpec
+
+    folder = {"name": "discs", "root": str(root / "disc"), "normal_dir": "train/good", "abnormal_dir": "test/crack"}
+    spec = DatasetSpec({"dataset": {"class_path": "Folder", "init_args": folder}}, {"num_workers": 0})
+    assert (spec.name, spec.categories) == ("discs", ["discs"])
+
+
+def test_heat_map_panels_of_models_and_baselines_are_titled_and_distinct(synthetic_run):
+    """FAPrompt: Image, Gt Mask, Pred Mask, Image + Anomaly Map. PatchCore, run without post-processor, has no
+    predicted mask: anomalib's default figure then repeats the input as an untitled fourth panel; here it has three."""
+    _, results, _, _ = synthetic_run
+    for model, panels in (("FAPrompt", 4), ("Patchcore", 3)):
+        images = sorted(results.glob(f"{model}/*/SyntheticAD/disc/images/*/*.png"))
+        assert images
+        for path in images:
+            with Image.open(path) as image:
+                assert image.width == panels * 256, (path, image.size)
+                assert image.height > 256, "a strip below the panels names the untrained weights"
+
+
+def test_untrained_weights_are_named_in_the_table(synthetic_run):
+    _, results, _, printed = synthetic_run
+    markdown = (results / "results.md").read_text()
+    for text in (markdown, printed):
+        assert "FAPrompt: the random small CLIP of shared/golden (clip_small_seed0.pt)" in text
+        assert "Patchcore: a backbone with random weights (pre_trained=False)" in text
+    notices = pd.read_csv(results / "results.csv").set_index(["model", "category"]).notice
+    golden = "the random small CLIP of shared/golden (clip_small_seed0.pt)"
+    assert notices["FAPrompt", "disc"] == notices["FAPrompt", "mean"] == golden
+
+
+def test_the_chart_shows_the_chance_line_and_the_notices(synthetic_run):
+    from anomalib_faprompt.pipelines.zero_shot import results_figure
+
+    _, _, table, _ = synthetic_run
+    figure = results_figure(table)
+    [axes] = figure.axes
+    chance = [line for line in axes.get_lines() if list(line.get_ydata()) == [50, 50]]
+    assert [line.get_label() for line in chance] == ["AUROC chance level (50 %)"]
+    assert "AUROC chance level (50 %)" in [text.get_text() for text in axes.get_legend().get_texts()]
+    notes = " ".join(text.get_text() for text in figure.texts)
+    assert "FAPrompt: the random small CLIP of shared/golden (clip_small_seed0.pt)" in notes
+    assert "Patchcore: a backbone with random weights (pre_trained=False)" in notes
+
+
+def test_a_one_class_baseline_is_scored_on_its_raw_outputs(tmp_path, root, tiny_clip, monkeypatch):
+    """PatchCore is fitted (with anomalib's post-processor) then tested: the test must not keep the fit's
+    post-processor, which would min-max normalise and clamp its maps (adding a predicted mask) before the metrics."""
+    from anomalib_faprompt.components.metrics import RawOutputEvaluator
+
+    post_processed: list[bool] = []
+    original = RawOutputEvaluator.update
+
+    def update(self, metrics, batch, raw):
+        post_processed.append(batch.pred_mask is not None)
+        return original(self, metrics, batch, raw)
+
+    monkeypatch.setattr(RawOutputEvaluator, "update", update)
+    ZeroShot().run_config(config_for(root, tmp_path / "results", tiny_clip, models=("Patchcore",)))
+    assert post_processed
+    assert not any(post_processed), "post-processed outputs reached the metrics"

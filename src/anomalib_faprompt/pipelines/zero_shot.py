@@ -80,10 +80,12 @@ from anomalib.engine import Engine
 from anomalib.models import AnomalibModule, get_model
 from anomalib.pipelines.components.base import Pipeline, Runner
 from lightning.pytorch import seed_everything
+from matplotlib.figure import Figure
 
 from anomalib_faprompt.components.metrics import PAPER_METRICS, paper_evaluator
-from anomalib_faprompt.data import AuxiliaryDataModule
+from anomalib_faprompt.data import AuxiliaryDataModule, SyntheticAD
 from anomalib_faprompt.models.prompt_module import PromptLearningMixin
+from anomalib_faprompt.visualization import HeatMapVisualizer, untrained_weights_notice
 
 from .result_files import (
     atomic_write,
@@ -147,6 +149,10 @@ def _datamodule_class(config: dict[str, Any]) -> type[AnomalibDataModule]:
 class DatasetSpec:
     """A dataset of the protocol: datamodule class, its arguments and the categories to use.
 
+    Its :attr:`name` is the datamodule's own (``datamodule.name``: the class name, a ``Folder``'s ``name``
+    argument, ``SyntheticAD`` for generated categories): the table's dataset column and the results folder
+    use it. Generated datasets (:class:`~anomalib_faprompt.data.SyntheticAD`) write missing categories here.
+
     Args:
         config: ``{"dataset": {"class_path": ..., "init_args": {...}}, "categories": [...] | "all"}``.
         defaults: Datamodule arguments shared by all datasets (batch sizes, workers).
@@ -155,7 +161,8 @@ class DatasetSpec:
     def __init__(self, config: dict[str, Any], defaults: dict[str, Any]) -> None:
         self.datamodule_class = _datamodule_class(config["dataset"])
         self.init_args = {**defaults, **config["dataset"].get("init_args", {})}
-        self.name = self.datamodule_class.__name__
+        self.class_name = self.datamodule_class.__name__
+        self.name = self.datamodule_class(**self.init_args).name  # datamodules touch no file when built
         self.root = Path(self.init_args.get("root", ""))
         self.has_categories = "category" in inspect.signature(self.datamodule_class).parameters
         if not self.has_categories:  # single-category datasets (e.g. Kolektor)
@@ -175,6 +182,9 @@ class DatasetSpec:
         if unknown:
             msg = f"{self.name}: unknown categories {unknown}; available: {known or on_disk}."
             raise ValueError(msg)
+        if issubclass(self.datamodule_class, SyntheticAD):  # written on first use (or checked against its settings)
+            for category in categories:
+                self.datamodule_class(**self.init_args, category=category).prepare_data()
         missing = [category for category in categories if not (self.root / category).is_dir()]
         if missing:
             msg = (
@@ -193,7 +203,19 @@ class DatasetSpec:
     def settings(self, ignore: Collection[str] = ("num_workers",)) -> dict[str, Any]:
         """What identifies the data, for fingerprints: datamodule class and init args but those in ``ignore``."""
         init_args = {key: value for key, value in self.init_args.items() if key not in ignore}
-        return {"dataset": self.name, "init_args": canonical(init_args)}
+        return {"dataset": self.class_name, "init_args": canonical(init_args)}
+
+
+class FolderEngine(Engine):
+    """Anomalib's Engine writing into ``default_root_dir`` itself.
+
+    The Engine nests its outputs under ``<default_root_dir>/<Model>/<Dataset>/<category>/v<N>`` (with a ``latest``
+    link) on every fit and test. The pipeline names its folders itself, and rewrites one only when its row is
+    recomputed, so versions would only nest; like anomalib's tiled-ensemble engine, this one skips that step.
+    """
+
+    def _setup_workspace(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
 
 
 # Models -------------------------------------------------------------------------------------------------------------
@@ -213,6 +235,8 @@ class ModelVariant:
         settings: What its prompts (or, for a baseline, its results) depend on; fingerprinted.
         label: Its name in the table: the class name, plus the init args that differ from the other
             variants of the class in the config.
+        notice: What says its backbone has untrained weights (e.g. the random small CLIP), if anything does
+            (:func:`~anomalib_faprompt.visualization.untrained_weights_notice`).
     """
 
     index: int
@@ -223,6 +247,7 @@ class ModelVariant:
     learns_prompts: bool
     settings: dict[str, Any]
     label: str = ""
+    notice: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -260,6 +285,7 @@ def _variant(index: int, model_config: dict[str, Any], config: dict[str, Any], a
     init_args = {key: value for key, value in init_args.items() if key not in UNFINGERPRINTED_INIT_ARGS}
     prompt_learning = isinstance(model, PromptLearningMixin)
     learns_prompts = prompt_learning and model.prompt_weights is None
+    notice = untrained_weights_notice(model)
     del model
     settings: dict[str, Any] = {"model": name, "init_args": dict(init_args), "seed": config.get("seed", 0)}
     if learns_prompts:
@@ -276,7 +302,7 @@ def _variant(index: int, model_config: dict[str, Any], config: dict[str, Any], a
     elif prompt_learning:  # learned elsewhere: what counts is the file's content, not its path
         settings["init_args"]["prompt_weights"] = {"sha256": file_digest(init_args["prompt_weights"])}
         settings["init_args"].pop("max_epochs", None)
-    return ModelVariant(index, model_config, name, init_args, prompt_learning, learns_prompts, settings)
+    return ModelVariant(index, model_config, name, init_args, prompt_learning, learns_prompts, settings, notice=notice)
 
 
 def _show(value: Any, compact: bool = True) -> str:
@@ -427,7 +453,8 @@ class _ModelRun:
                     metrics = self._evaluate(target, category, prompts)
                     content = {"fingerprint": key, "settings": settings, "model": self.variant.label}
                     write_json(row_file, content | {"dataset": target.name, "category": category, "metrics": metrics})
-                yield {"model": self.variant.label, "dataset": target.name, "category": category, **metrics}
+                yield {"model": self.variant.label, "dataset": target.name, "category": category, **metrics,
+                       "notice": self.variant.notice or ""}  # fmt: skip
 
     def _claim_folder(self) -> None:
         """Record the settings in ``settings.json``, or check that the folder's are these."""
@@ -475,7 +502,7 @@ class _ModelRun:
             **self.defaults,
         )
         epochs = self.variant.settings["max_epochs"]
-        engine = Engine(max_epochs=epochs, default_root_dir=self.folder, **self.engine_args)
+        engine = FolderEngine(max_epochs=epochs, default_root_dir=self.folder, **self.engine_args)
         engine.fit(model, datamodule=datamodule)
         if not bool(model.model.prompts_ready):
             msg = (
@@ -498,51 +525,80 @@ class _ModelRun:
         else:  # PatchCore fits on the category's normals, WinClip takes its name
             seed_everything(self.seed, workers=True, verbose=False)
             evaluated = get_model(copy.deepcopy(self.variant.config))
-        engine = Engine(default_root_dir=self.folder / target.name / category, **self.engine_args)
-        if evaluated.learning_type == LearningType.ONE_CLASS:
-            engine.fit(evaluated, datamodule=datamodule)
         # Metrics on raw scores and maps. The prompt models compute them before their post-processor, which stays
         # to give the heat-maps their [0, 1] range (AnomalyCLIP's raw map sums one probability per feature layer,
-        # which image conversion would wrap past 1); baselines run without one, as anomalib scores after it.
+        # which image conversion would wrap past 1); baselines run without one, as anomalib scores after it. Set
+        # before a one-class fit: the engine's trainer keeps the fit's callbacks, a post-processor included.
         if not self.variant.prompt_learning:
             evaluated.post_processor = None
         evaluated.evaluator = paper_evaluator()
-        if evaluated.visualizer is not None:  # a visualiser keeps the folder of its first run
-            evaluated.visualizer = evaluated.configure_visualizer()
+        if evaluated.visualizer is not None:  # a fresh one: a visualiser keeps the folder of its first run
+            evaluated.visualizer = HeatMapVisualizer(notice=self.variant.notice)
+        engine = FolderEngine(default_root_dir=self.folder / target.name / category, **self.engine_args)
+        if evaluated.learning_type == LearningType.ONE_CLASS:
+            engine.fit(evaluated, datamodule=datamodule)
         metrics = engine.test(evaluated, datamodule=datamodule, verbose=False)[0]
         return {name: float(metrics[name]) for name in METRICS}
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per-category rows plus, per model, the mean over all target categories."""
-    means = rows.groupby("model", sort=False)[list(METRICS)].mean().reset_index()
+    """Per-category rows plus, per model, the mean over all target categories; ``notice`` names untrained weights."""
+    if "notice" not in rows:
+        rows = rows.assign(notice="")
+    means = rows.groupby("model", sort=False).agg({**dict.fromkeys(METRICS, "mean"), "notice": "first"}).reset_index()
     means["dataset"], means["category"] = "mean", "mean"
-    return pd.concat([rows, means], ignore_index=True)[["model", "dataset", "category", *METRICS]]
+    return pd.concat([rows, means], ignore_index=True)[["model", "dataset", "category", *METRICS, "notice"]]
+
+
+UNTRAINED_WEIGHTS_NOTE = "Untrained weights: these numbers show the pipeline working, not the method's accuracy."
+
+
+def notices(table: pd.DataFrame) -> list[str]:
+    """``"<model>: <notice>"`` for each model whose weights are untrained, in table order."""
+    if "notice" not in table:
+        return []
+    named = table.drop_duplicates("model").fillna({"notice": ""})
+    return [f"{row.model}: {row.notice}" for row in named.itertuples(index=False) if row.notice]
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """A Markdown table with metrics in percent."""
+    """A Markdown table with metrics in percent, followed by the models with untrained weights, if any."""
     header = "| model | dataset | category | " + " | ".join(METRICS) + " |"
     lines = [header, "|" + "---|" * (3 + len(METRICS))]
     for row in table.itertuples(index=False):
         values = " | ".join(f"{100 * getattr(row, name):.1f}" for name in METRICS)
         lines.append(f"| {row.model} | {row.dataset} | {row.category} | {values} |")
+    if noted := notices(table):
+        lines += ["", UNTRAINED_WEIGHTS_NOTE, *(f"- {note}" for note in noted)]
     return "\n".join(lines)
 
 
+def results_figure(table: pd.DataFrame) -> Figure:
+    """Bar chart of each model's means, with AUROC's chance level (50 %) and the models with untrained weights.
+
+    Example:
+        >>> results_figure(table).savefig("results.png")  # doctest: +SKIP
+    """
+    noted = notices(table)
+    figure = Figure(figsize=(8, 4 + 0.22 * (len(noted) + 1) * bool(noted)))
+    axes = figure.add_subplot()
+    means = table[table.category == "mean"].set_index("model")[list(METRICS)] * 100
+    means.T.plot.bar(ax=axes, rot=0, ylim=(0, 100), ylabel="%", title="Zero-shot, mean over targets")
+    axes.axhline(50, color="0.3", linestyle="--", linewidth=1, label="AUROC chance level (50 %)")
+    axes.legend(loc="lower right")
+    bottom = 0.0
+    if noted:
+        lines = [UNTRAINED_WEIGHTS_NOTE, *noted]
+        bottom = 0.055 * len(lines) * 4 / figure.get_figheight()
+        figure.text(0.01, 0.01, "\n".join(lines), fontsize=8, color="darkred", va="bottom")
+    figure.tight_layout(rect=(0, bottom, 1, 1))
+    return figure
+
+
 def write_results(table: pd.DataFrame, results_dir: Path) -> None:
-    """Write ``results.csv``, ``results.md`` and a bar chart of the means, ``results.png`` (each atomically)."""
-    import matplotlib as mpl
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write ``results.csv``, ``results.md`` and the chart of the means, ``results.png`` (each atomically)."""
     markdown = to_markdown(table) + "\n"
     atomic_write(results_dir / "results.csv", lambda path: table.to_csv(path, index=False))
     atomic_write(results_dir / "results.md", lambda path: path.write_text(markdown, encoding="utf-8"))
-    means = table[table.category == "mean"].set_index("model")[list(METRICS)] * 100
-    axes = means.T.plot.bar(figsize=(8, 4), rot=0, ylim=(0, 100), ylabel="%", title="Zero-shot, mean over targets")
-    axes.legend(loc="lower right")
-    plt.tight_layout()
-    atomic_write(results_dir / "results.png", lambda path: plt.savefig(path, dpi=120, format="png"))
-    plt.close("all")
+    figure = results_figure(table)
+    atomic_write(results_dir / "results.png", lambda path: figure.savefig(path, dpi=120, format="png"))
