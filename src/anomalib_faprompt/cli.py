@@ -271,7 +271,8 @@ def _fill_from_checkpoint(cli: Any) -> None:
     for key, value in settings.items():
         if key not in current or current[key] != value:
             init_args[key] = value
-    setattr(cli, _CHECKPOINT, checkpoint)
+    if subcommand == "export":
+        setattr(cli, _CHECKPOINT, checkpoint)
 
 
 def _load_checkpoint_for_export(cli: Any) -> None:
