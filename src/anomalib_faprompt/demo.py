@@ -1,10 +1,11 @@
 """``anomalib-faprompt-demo``: the zero-shot protocol end to end on generated data.
 
-Generates synthetic categories in MVTec AD layout, learns AnomalyCLIP and FAPrompt prompts on
-some of them (auxiliary) and tests on the others (held out, never seen in training), then prints
-the table and writes heat-maps. It uses real CLIP weights when they are on disk or downloadable,
-otherwise a small CLIP: the reference small CLIP of ``shared/golden`` when found, else one with
-random weights. Which one it used, and what the numbers then mean, is printed.
+Learns AnomalyCLIP and FAPrompt prompts on some synthetic categories (auxiliary) and tests on
+others (held out, never seen in training), then prints the table and writes heat-maps; the
+categories are generated on first use (``SyntheticAD``). It uses real CLIP weights when they are
+on disk or downloadable, otherwise a small CLIP: the reference small CLIP of ``shared/golden``
+when found, else one with random weights. Which one it used, and what the numbers then mean, is
+printed, and the table, chart and heat-maps name untrained weights.
 
 Example:
     $ anomalib-faprompt-demo --output results/demo
@@ -18,8 +19,6 @@ import os
 import socket
 from pathlib import Path
 from typing import Any
-
-from anomalib_faprompt.data import generate_synthetic_dataset
 
 AUXILIARY = ("stripes", "checker", "grain")
 HELD_OUT = ("disc", "plate")
@@ -73,9 +72,9 @@ def _vit_b(backbone: str, pretrained: str | None) -> dict[str, Any]:
 def protocol(output: Path, clip: dict[str, Any], max_epochs: int, seed: int) -> dict[str, Any]:
     """The zero-shot config: auxiliary synthetic categories -> held-out ones, both prompt methods."""
     root = output / "datasets" / "synthetic"
-    generate_synthetic_dataset(root, categories=[*AUXILIARY, *HELD_OUT], n_train=4, n_test=8, seed=seed)
     layers = (2, 4, 6, 8) if clip["dpam_layers"] == 6 else (3, 6, 9, 12)
-    dataset = {"class_path": "MVTecAD", "init_args": {"root": str(root)}}
+    generation = {"n_train": 4, "n_test": 8, "generation_seed": seed}  # written on first use
+    dataset = {"class_path": "SyntheticAD", "init_args": {"root": str(root), **generation}}
     return {
         "seed": seed,
         "accelerator": "auto",
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ZeroShot().run_config(protocol(args.output, clip, args.max_epochs, args.seed))
     print(f"\n[anomalib-faprompt demo] {note}")
-    print(f"Heat-maps: {args.output / 'zero_shot'}/<model>/<settings>/<dataset>/<category>/**/images")
+    print(f"Heat-maps: {args.output / 'zero_shot'}/<model>/<settings fingerprint>/SyntheticAD/<category>/images")
 
 
 if __name__ == "__main__":
