@@ -5,8 +5,27 @@ tested unchanged on every category of every target dataset; zero-shot baselines 
 tested directly, and one-class baselines (PatchCore, or any anomalib model) are fitted on each
 target category's normal images. Metrics are the papers' four — image AUROC and AP, pixel AUROC
 and AUPRO (FPR ≤ 0.3) — computed by anomalib's metrics on the models' *raw* scores and maps
-(no normalisation, no thresholds). Results: ``results.csv``, ``results.md`` and ``results.png``,
-plus heat-maps from anomalib's visualiser.
+(no normalisation, no thresholds). Results: ``results.csv``, ``results.md`` and ``results.png``
+(the means, with AUROC's 50 % chance level), plus heat-maps (:class:`~anomalib_faprompt.visualization.
+HeatMapVisualizer`: Image, Gt Mask, Pred Mask, Image + Anomaly Map, each titled). A model whose backbone has
+untrained weights, such as the random small CLIP of ``shared/golden``, is named as such below the table, in
+the CSV's ``notice`` column, on the chart and on its heat-maps.
+
+The results tree, one level per model, settings, dataset and category::
+
+    <results_dir>/
+        results.csv, results.md, results.png, .lock
+        <Model>/<fingerprint>/                      e.g. FAPrompt/30a87f716184/
+            settings.json, prompts.pt               (prompts only for models whose prompts are learned here)
+            rows/<dataset>_<category>-<fingerprint>.json
+            weights/lightning/model.ckpt, prompts.pt    the prompt learning's Lightning checkpoint
+            <dataset>/<category>/                   e.g. SyntheticAD/disc/: the datamodule's name
+                images/<defect>/<image>.png         heat-maps
+                weights/lightning/model.ckpt        the tested model (thresholds; a baseline's fit)
+
+Anomalib's Engine would nest ``<Model>/<Dataset>/<category>/v<N>`` (and a ``latest`` link) inside each folder
+on every fit and test; the pipeline's :class:`FolderEngine` writes into the folder itself, as a folder is only
+rewritten when its row is recomputed.
 
 Resuming: each model of the config works in its own folder, ``<results_dir>/<Model>/<fingerprint>/``,
 where the fingerprint is a hash of the canonical JSON of the *effective* settings its prompts (or, for
