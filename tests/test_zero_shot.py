@@ -80,7 +80,7 @@ def test_cli_writes_the_table_with_one_row_per_model_and_category(cli_run):
     assert all(line.startswith("|") for line in markdown[: len(table) + 2])  # header, separator, one line a row
     assert markdown[len(table) + 2 :] == [  # the random small CLIP and PatchCore's random backbone, named
         "",
-        "Untrained weights: these numbers show the pipeline working, not the method's accuracy.",
+        "Untrained weights: these models' numbers show the pipeline working, not the methods' accuracy.",
         "- AnomalyCLIP: the random small CLIP of shared/golden (clip_small_seed0.pt)",
         "- FAPrompt: the random small CLIP of shared/golden (clip_small_seed0.pt)",
         "- Patchcore: a backbone with random weights (pre_trained=False)",

@@ -569,7 +569,9 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([rows, means], ignore_index=True)[["model", "dataset", "category", *METRICS, "notice"]]
 
 
-UNTRAINED_WEIGHTS_NOTE = "Untrained weights: these numbers show the pipeline working, not the method's accuracy."
+UNTRAINED_WEIGHTS_NOTE = (
+    "Untrained weights: these models' numbers show the pipeline working, not the methods' accuracy."
+)
 
 
 def notices(table: pd.DataFrame) -> list[str]:
@@ -599,16 +601,16 @@ def results_figure(table: pd.DataFrame) -> Figure:
         >>> results_figure(table).savefig("results.png")  # doctest: +SKIP
     """
     noted = notices(table)
-    figure = Figure(figsize=(8, 4 + 0.22 * (len(noted) + 1) * bool(noted)))
+    figure = Figure(figsize=(9.5, 4 + 0.2 * (len(noted) + 1) * bool(noted)))
     axes = figure.add_subplot()
     means = table[table.category == "mean"].set_index("model")[list(METRICS)] * 100
     means.T.plot.bar(ax=axes, rot=0, ylim=(0, 100), ylabel="%", title="Zero-shot, mean over targets")
     axes.axhline(50, color="0.3", linestyle="--", linewidth=1, label="AUROC chance level (50 %)")
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, never over them
     bottom = 0.0
     if noted:
         lines = [UNTRAINED_WEIGHTS_NOTE, *noted]
-        bottom = 0.055 * len(lines) * 4 / figure.get_figheight()
+        bottom = (0.2 * len(lines) + 0.1) / figure.get_figheight()
         figure.text(0.01, 0.01, "\n".join(lines), fontsize=8, color="darkred", va="bottom")
     figure.tight_layout(rect=(0, bottom, 1, 1))
     return figure
