@@ -1,19 +1,24 @@
 """Base torch model for prompt-learning methods on a frozen DPAM CLIP.
 
-It owns the frozen encoders, the deep text prompts shared by both methods, the flag that says
-whether prompts were trained or loaded, and a cache for text features that do not depend on
-the image (recomputed after every parameter update, once in total at inference).
+It owns the frozen encoders, the deep text prompts shared by the methods, the flag that says
+whether prompts were trained or loaded, a cache for text features that do not depend on the
+image (recomputed after every parameter update, once in total at inference), the smoothing of
+the maps, the visual memory of few-shot references, and the forward pass every method shares:
+a method writes only :meth:`PromptedCLIP.encode_static_text` and :meth:`PromptedCLIP.score_features`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from anomalib.data import InferenceBatch
 from torch import nn
+
+from anomalib_faprompt.components import GaussianSmoothing, VisualMemory, upsample_maps
 
 from .loading import build_clip
 from .settings import backbone_geometry, check_float, check_int, check_layers
@@ -34,6 +39,8 @@ def _restore_frozen_weights(module: PromptedCLIP, state_dict: dict, prefix: str,
     for name in FROZEN_MODULES:
         for key, value in getattr(module, name).state_dict(prefix=f"{prefix}{name}.", keep_vars=True).items():
             state_dict.setdefault(key, value.detach())
+    # Checkpoints written before few-shot references existed hold no memory: they load with an empty one.
+    state_dict.setdefault(f"{prefix}references.bank", torch.empty(0, 0, 0))
 
 
 class PromptedCLIP(nn.Module):
@@ -48,6 +55,9 @@ class PromptedCLIP(nn.Module):
         text_n_ctx: Length of each deep prompt.
         temperature: Softmax temperature for every similarity.
         feature_layers: 1-indexed vision blocks whose patch features the method reads; ``None`` for the last.
+        sigma: Gaussian smoothing of the anomaly map in pixels (0 disables it).
+        reference_weight: Weight of the visual memory in the fused map and score when references were added
+            (see :meth:`forward`); 0 ignores them.
 
     Raises:
         ValueError: If a setting is out of range for the backbone; raised before any weights load.
@@ -63,6 +73,8 @@ class PromptedCLIP(nn.Module):
         text_n_ctx: int,
         temperature: float = 0.07,
         feature_layers: Sequence[int] | None = None,
+        sigma: float = 4.0,
+        reference_weight: float = 0.5,
     ) -> None:
         super().__init__()
         geometry = backbone_geometry(backbone)
@@ -74,6 +86,10 @@ class PromptedCLIP(nn.Module):
             "text_n_ctx", text_n_ctx, 1, geometry.context_length - 1, "the text tokens after the start token"
         )
         temperature = check_float("temperature", temperature, low_open=True, why="of every softmax")
+        reference_weight = check_float(
+            "reference_weight", reference_weight, high=1.0, why="of the visual memory in the fused map and score"
+        )
+        smoothing = GaussianSmoothing(sigma, max_size=image_size)
         clip = build_clip(backbone, pretrained)
         self.vision = DPAMVisionEncoder(clip.visual, dpam_layers)
         self.text = PromptedTextEncoder(clip, backbone)
@@ -84,6 +100,9 @@ class PromptedCLIP(nn.Module):
             nn.Parameter(torch.randn(text_n_ctx, self.text.width) * 0.02) for _ in range(text_depth - 1)
         )
         self.register_buffer("prompts_ready", torch.tensor(False))
+        self.smoothing = smoothing
+        self.references = VisualMemory()
+        self.reference_weight = reference_weight
         self._text_cache: tuple[tuple, object] | None = None
         # Checkpoints hold what was learned; the frozen CLIP is rebuilt from backbone/pretrained
         # (a ViT-L/14 would otherwise add 1.7 GB to every checkpoint).
@@ -159,17 +178,103 @@ class PromptedCLIP(nn.Module):
             [F.normalize(features[:, 1:].float(), dim=-1) for features in patch_features],
         )
 
+    # The forward pass every method shares -----------------------------------------------------------------
+
+    def encode_static_text(self) -> Any:
+        """The method's text features that do not depend on the image (cached, see :meth:`cached`)."""
+        raise NotImplementedError
+
+    def score_features(
+        self, image_size: tuple[int, int], text: Any, image_features: torch.Tensor, patch_features: list[torch.Tensor]
+    ) -> Any:
+        """The method's own scoring of normalised image and patch features (see :meth:`encode_image`).
+
+        Returns an output with ``pred_score`` (B,) and ``anomaly_map`` (B, H, W) at ``image_size``, before
+        smoothing, and whatever the method's loss needs.
+        """
+        raise NotImplementedError
+
+    def forward_features(self, images: torch.Tensor) -> Any:
+        """Check the input, get the cached text features and the image features, and score them."""
+        self.check_input(images)
+        text = self.cached(self.encode_static_text)
+        image_features, patch_features = self.encode_image(images, self.feature_layers)
+        output = self.score_features((images.shape[-2], images.shape[-1]), text, image_features, patch_features)
+        output.patch_features = patch_features
+        return output
+
+    def forward(self, images: torch.Tensor) -> Any:
+        """Score images: ``InferenceBatch(pred_score, anomaly_map)`` in eval mode, intermediates in training.
+
+        With few-shot references (:meth:`add_references`), map and score are fused with the visual memory:
+        ``map = (1 - w) · prompt map + w · Σ_layers visual distance map`` and ``score = (1 - w) · prompt score
+        + w · max(mean over layers of the visual distance map)``, with ``w = reference_weight`` and distances
+        ``min_j (1 - cos) / 2`` to the references' patches of the same feature layer (WinCLIP+ and PromptAD fuse
+        a textual and a visual branch the same way). Both keep the scale of the prompt outputs: scores in
+        [0, 1], maps in [0, number of feature layers]. The fused map is then smoothed.
+        """
+        output = self.forward_features(images)
+        if self.training:
+            return output
+        score, anomaly_map = output.pred_score, output.anomaly_map
+        if not self.references.is_empty and self.reference_weight > 0:
+            visual = self.visual_anomaly_maps(output.patch_features, (images.shape[-2], images.shape[-1]))
+            weight = self.reference_weight
+            anomaly_map = (1 - weight) * anomaly_map + weight * visual.sum(dim=0)
+            score = (1 - weight) * score + weight * visual.mean(dim=0).flatten(1).amax(dim=1)
+        return InferenceBatch(pred_score=score, anomaly_map=self.smoothing(anomaly_map))
+
+    def visual_anomaly_maps(self, patch_features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Per feature layer, the distance of each patch to the references', upsampled: (layers, B, H, W)."""
+        distances = self.references(torch.stack(patch_features))  # (layers, B, N)
+        return torch.stack([upsample_maps(layer[..., None], size)[:, 0] for layer in distances])
+
+    @torch.no_grad()
+    def add_references(self, images: torch.Tensor) -> None:
+        """Add normal reference images (pre-processed, (k, 3, H, W)) to the visual memory.
+
+        Their patch features of the feature layers (the features the prompts are compared with) are stored.
+        """
+        self.check_input(images)
+        _, patch_features = self.encode_image(images, self.feature_layers)
+        self.references.add(torch.stack(patch_features))
+
+    def learned_state_names(self) -> list[str]:
+        """Names of the learned state a prompt file holds: trainable parameters, then learned buffers.
+
+        A buffer is learned state when the module holding it names it in a ``learned_buffers`` class
+        attribute (:class:`~anomalib_faprompt.components.VisualMemory` names its ``bank``, the features of
+        few-shot references): state that is not a parameter but that scoring depends on. ``prompts_ready``
+        is not learned state (it says whether the learned state is trained).
+        """
+        names = [name for name, parameter in self.named_parameters() if parameter.requires_grad]
+        for module_name, module in self.named_modules():
+            for buffer_name in getattr(type(module), "learned_buffers", ()):
+                if buffer_name not in module._buffers:
+                    msg = f"{type(module).__name__} lists '{buffer_name}' in learned_buffers but has no such buffer."
+                    raise AttributeError(msg)
+                names.append(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+        return names
+
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
-        """Learned parameters only (prompts, prior network): the content of a prompt file."""
-        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+        """Learned state (prompts, prior network, learned buffers such as a visual memory): a prompt file's content."""
+        parameters = dict(self.named_parameters())
+        return {
+            name: (parameters[name] if name in parameters else self.get_buffer(name)).detach().clone()
+            for name in self.learned_state_names()
+        }
 
     def load_prompt_state_dict(
         self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint", trained: bool = True
     ) -> None:
-        """Load learned parameters, explaining which setting differs when shapes do not fit.
+        """Load learned state, explaining which setting differs when shapes do not fit.
+
+        Every learned parameter must be present. Learned buffers load with the shape they were saved with
+        where their module allows it (a visual memory of any number of references); a buffer the state does
+        not hold is left as it is (files written before buffers were saved, released checkpoints).
 
         Args:
-            state_dict: Learned parameters by name (see :meth:`prompt_state_dict`).
+            state_dict: Learned parameters and buffers by name (see :meth:`prompt_state_dict`).
             source: What they come from, for messages.
             trained: Whether they are trained prompts; sets ``prompts_ready``. A file saved from an
                 untrained model loads with ``False`` and does not count as trained.
@@ -178,6 +283,7 @@ class PromptedCLIP(nn.Module):
             ValueError: If the checkpoint was made with other settings or for another method.
         """
         own = dict((name, p) for name, p in self.named_parameters() if p.requires_grad)
+        buffers = [name for name in self.learned_state_names() if name not in own]
         own_depth = len(self.deep_prompts) + 1
         their_depth = sum(name.startswith("deep_prompts.") for name in state_dict) + 1
         if their_depth != own_depth:
@@ -187,7 +293,7 @@ class PromptedCLIP(nn.Module):
             )
             raise ValueError(msg)
         missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
+        unexpected = sorted(set(state_dict) - set(own) - set(buffers))
         if missing or unexpected:
             msg = (
                 f"Prompt checkpoint {source} is not a {type(self).__name__} prompt checkpoint "
@@ -209,9 +315,23 @@ class PromptedCLIP(nn.Module):
                 )
                 raise ValueError(msg)
         with torch.no_grad():
+            for name in (name for name in buffers if name in state_dict):
+                self._load_learned_buffer(name, state_dict[name], source)
             for name, parameter in own.items():
                 parameter.copy_(state_dict[name])
             self.prompts_ready.fill_(trained)
+
+    def _load_learned_buffer(self, name: str, value: torch.Tensor, source: str) -> None:
+        """Load one learned buffer by its module's own rule (a :class:`VisualMemory` takes the saved shape)."""
+        module_name, _, buffer_name = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        errors: list[str] = []
+        # The module's _load_from_state_dict (the hook modules override to load state of a saved shape) with its
+        # direct tensors only: load_state_dict would also reset this model's children that the state does not name.
+        module._load_from_state_dict({buffer_name: value}, "", {}, False, [], [], errors)
+        if errors:
+            msg = f"Prompt checkpoint {source} does not fit this model ({name}): {' '.join(errors)}"
+            raise ValueError(msg)
 
     def convert_released_state_dict(self, prompt_learner: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map the authors' ``prompt_learner`` keys to this model's parameter names."""

@@ -20,12 +20,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.clip.settings import backbone_geometry
-from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, similarity_logits, upsample_maps
+from anomalib_faprompt.components import patch_similarity, similarity_logits, upsample_maps
 
 #: Tokens of the abnormal template's fixed words, "damaged object." (CLIP's BPE: damaged, object, ".").
 TEMPLATE_TOKENS = 3
@@ -40,12 +39,14 @@ class AnomalyCLIPOutput:
         image_features: Normalised global image features (B, E).
         image_logits: ``cos(image, text) / temperature`` (B, 2).
         layer_maps: Per feature layer, upsampled two-channel probability maps (B, 2, H, W).
+        patch_features: Per feature layer, normalised patch features (B, N, E).
     """
 
     text_features: torch.Tensor
     image_features: torch.Tensor
     image_logits: torch.Tensor
     layer_maps: list[torch.Tensor]
+    patch_features: list[torch.Tensor] | None = None
 
     @property
     def pred_score(self) -> torch.Tensor:
@@ -74,6 +75,8 @@ class AnomalyCLIPModel(PromptedCLIP):
         text_n_ctx: Length of each deep prompt.
         sigma: Gaussian smoothing of the map in pixels (0 disables it).
         temperature: Softmax temperature.
+        reference_weight: Weight of few-shot references' visual memory in the fused map and score (see
+            :meth:`PromptedCLIP.forward`).
 
     Raises:
         ValueError: If a setting is out of range (for the backbone); raised before any weights load.
@@ -91,19 +94,26 @@ class AnomalyCLIPModel(PromptedCLIP):
         text_n_ctx: int = 4,
         sigma: float = 4.0,
         temperature: float = 0.07,
+        reference_weight: float = 0.5,
     ) -> None:
-        geometry = backbone_geometry(backbone)
-        n_ctx = geometry.check_context("n_ctx", n_ctx, TEMPLATE_TOKENS)
-        smoothing = GaussianSmoothing(sigma, max_size=geometry.check_image_size(image_size))
+        n_ctx = backbone_geometry(backbone).check_context("n_ctx", n_ctx, TEMPLATE_TOKENS)
         super().__init__(
-            backbone, pretrained, image_size, dpam_layers, text_depth, text_n_ctx, temperature, feature_layers
+            backbone,
+            pretrained,
+            image_size,
+            dpam_layers,
+            text_depth,
+            text_n_ctx,
+            temperature,
+            feature_layers,
+            sigma=sigma,
+            reference_weight=reference_weight,
         )
         placeholders = "X " * n_ctx
         self.normal_template = self.text.template(f"{placeholders}object.", n_ctx)
         self.abnormal_template = self.text.template(f"{placeholders}damaged object.", n_ctx)
         self.normal_context = nn.Parameter(torch.randn(n_ctx, self.text.width) * 0.02)
         self.abnormal_context = nn.Parameter(torch.randn(n_ctx, self.text.width) * 0.02)
-        self.smoothing = smoothing
 
     prompt_dimensions: ClassVar[dict[str, tuple[str, ...]]] = {
         **PromptedCLIP.prompt_dimensions,
@@ -121,29 +131,23 @@ class AnomalyCLIPModel(PromptedCLIP):
         state_dict["abnormal_context"] = prompt_learner["ctx_neg"].reshape(-1, prompt_learner["ctx_neg"].shape[-1])
         return state_dict
 
-    def encode_text(self) -> torch.Tensor:
+    def encode_static_text(self) -> torch.Tensor:
         """Normalised (normal, abnormal) text features (2, E), both prompts in one encoder call."""
         normal, abnormal = self.encode_prompts(
             (self.normal_template, self.normal_context), (self.abnormal_template, self.abnormal_context)
         )
         return F.normalize(torch.stack([normal, abnormal]), dim=-1)
 
-    def forward_features(self, images: torch.Tensor) -> AnomalyCLIPOutput:
-        """Run the model and return every intermediate the loss needs."""
-        self.check_input(images)
-        text_features = self.cached(self.encode_text)
-        image_features, patch_features = self.encode_image(images, self.feature_layers)
-        image_logits = similarity_logits(image_features, text_features, self.temperature)
-        size = (images.shape[-2], images.shape[-1])
+    def score_features(
+        self,
+        image_size: tuple[int, int],
+        text: torch.Tensor,
+        image_features: torch.Tensor,
+        patch_features: list[torch.Tensor],
+    ) -> AnomalyCLIPOutput:
+        """Image score from the global feature; per feature layer, a two-channel map from the patches."""
+        image_logits = similarity_logits(image_features, text, self.temperature)
         layer_maps = [
-            upsample_maps(patch_similarity(features, text_features, self.temperature), size)
-            for features in patch_features
+            upsample_maps(patch_similarity(features, text, self.temperature), image_size) for features in patch_features
         ]
-        return AnomalyCLIPOutput(text_features, image_features, image_logits, layer_maps)
-
-    def forward(self, images: torch.Tensor) -> InferenceBatch | AnomalyCLIPOutput:
-        """Score images: ``InferenceBatch(pred_score, anomaly_map)`` in eval mode, intermediates in training."""
-        output = self.forward_features(images)
-        if self.training:
-            return output
-        return InferenceBatch(pred_score=output.pred_score, anomaly_map=self.smoothing(output.anomaly_map))
+        return AnomalyCLIPOutput(text, image_features, image_logits, layer_maps)

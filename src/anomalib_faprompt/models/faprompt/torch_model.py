@@ -23,12 +23,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.clip.settings import backbone_geometry, check_int
-from anomalib_faprompt.components import GaussianSmoothing, patch_similarity, similarity_logits, upsample_maps
+from anomalib_faprompt.components import patch_similarity, similarity_logits, upsample_maps
 
 #: Tokens of the abnormal template's fixed words, "damaged object." (CLIP's BPE: damaged, object, ".").
 TEMPLATE_TOKENS = 3
@@ -62,6 +61,7 @@ class FAPromptOutput:
         static_maps: Upsampled two-channel static maps S (B, 2, H, W).
         dap_maps: Upsampled two-channel DAP maps Ŝ (B, 2, H, W).
         score_logit: Fused image score s (B,), the released code's input to the binary focal loss.
+        patch_features: Normalised patch features of the last block, in a one-element list (B, N, E).
     """
 
     static_text: StaticText
@@ -72,6 +72,7 @@ class FAPromptOutput:
     static_maps: torch.Tensor
     dap_maps: torch.Tensor
     score_logit: torch.Tensor
+    patch_features: list[torch.Tensor] | None = None
 
     @property
     def pred_score(self) -> torch.Tensor:
@@ -108,6 +109,8 @@ class FAPromptModel(PromptedCLIP):
         text_n_ctx: Length of each deep prompt.
         sigma: Gaussian smoothing of the map in pixels (0 disables it).
         temperature: Softmax temperature.
+        reference_weight: Weight of few-shot references' visual memory in the fused map and score (see
+            :meth:`PromptedCLIP.forward`).
 
     Raises:
         ValueError: If a setting is out of range (for the backbone); raised before any weights load.
@@ -127,6 +130,7 @@ class FAPromptModel(PromptedCLIP):
         text_n_ctx: int = 4,
         sigma: float = 10.0,
         temperature: float = 0.07,
+        reference_weight: float = 0.5,
     ) -> None:
         geometry = backbone_geometry(backbone)
         image_size = geometry.check_image_size(image_size)
@@ -139,9 +143,18 @@ class FAPromptModel(PromptedCLIP):
         n_prior_patches = check_int(
             "n_prior_patches", n_prior_patches, 1, patches, f"the patches at image_size={image_size}"
         )
-        smoothing = GaussianSmoothing(sigma, max_size=image_size)
         # feature_layers=None: patch features come from the last block only.
-        super().__init__(backbone, pretrained, image_size, dpam_layers, text_depth, text_n_ctx, temperature)
+        super().__init__(
+            backbone,
+            pretrained,
+            image_size,
+            dpam_layers,
+            text_depth,
+            text_n_ctx,
+            temperature,
+            sigma=sigma,
+            reference_weight=reference_weight,
+        )
         self.n_prior_patches = n_prior_patches
         width = self.text.width
         normal_words = "X " * n_ctx_normal
@@ -154,7 +167,6 @@ class FAPromptModel(PromptedCLIP):
         self.abnormal_context = nn.Parameter(torch.randn(n_abnormal_prompts, n_ctx_abnormal, width) * 0.02)
         embed_dim = self.vision.visual.proj.shape[1]
         self.prior = PriorNetwork(n_prior_patches * embed_dim, width)
-        self.smoothing = smoothing
 
     prompt_dimensions: ClassVar[dict[str, tuple[str, ...]]] = {
         **PromptedCLIP.prompt_dimensions,
@@ -192,16 +204,21 @@ class FAPromptModel(PromptedCLIP):
         pair = F.normalize(torch.cat([normal, abnormal_each.mean(dim=0, keepdim=True)]), dim=-1)
         return StaticText(normal, abnormal_each, pair)
 
-    def forward_features(self, images: torch.Tensor) -> FAPromptOutput:
-        """Run the model and return every intermediate the loss needs."""
-        self.check_input(images)
-        static_text: StaticText = self.cached(self.encode_static_text)
-        image_features, (patch_features,) = self.encode_image(images, self.feature_layers)
+    def score_features(
+        self,
+        image_size: tuple[int, int],
+        text: StaticText,
+        image_features: torch.Tensor,
+        patch_features: list[torch.Tensor],
+    ) -> FAPromptOutput:
+        """CAP's static map, DAP's per-image prompts from the top-M patches, and the fused score."""
+        static_text = text
+        (patch_features,) = patch_features
 
         static_probabilities = patch_similarity(patch_features, static_text.pair, self.temperature)
         top = static_probabilities[..., 1].topk(self.n_prior_patches, dim=1).indices
         selected = torch.gather(patch_features, 1, top[..., None].expand(-1, -1, patch_features.shape[-1]))
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(patch_features.device.type, enabled=False):
             prior = self.prior(selected.flatten(1))
 
         # DAP: Ω shifts every abnormal context vector; B × K prompts in one encoder call.
@@ -216,7 +233,7 @@ class FAPromptModel(PromptedCLIP):
         patch_maximum = (2 * static_probabilities[..., 1].amax(dim=1) + dap_probabilities[..., 1].amax(dim=1)) / 3
         score = (image_logits.softmax(dim=-1)[:, 1] + patch_maximum) / 2
 
-        size = (images.shape[-2], images.shape[-1])
+        size = image_size
         return FAPromptOutput(
             static_text=static_text,
             dap_text=dap_text,
@@ -227,10 +244,3 @@ class FAPromptModel(PromptedCLIP):
             dap_maps=upsample_maps(dap_probabilities, size),
             score_logit=score,
         )
-
-    def forward(self, images: torch.Tensor) -> InferenceBatch | FAPromptOutput:
-        """Score images: ``InferenceBatch(pred_score, anomaly_map)`` in eval mode, intermediates in training."""
-        output = self.forward_features(images)
-        if self.training:
-            return output
-        return InferenceBatch(pred_score=output.pred_score, anomaly_map=self.smoothing(output.anomaly_map))
