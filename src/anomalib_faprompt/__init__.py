@@ -2,7 +2,8 @@
 
 Importing the package registers the models with anomalib (``get_model("FAPrompt")``, the CLI's
 ``--model FAPrompt``); after ``pip install`` this also happens automatically the first time a
-program imports ``anomalib.models``.
+program imports ``anomalib.models``. The methods are listed in :mod:`anomalib_faprompt.methods`;
+each is importable from here by its short name.
 
 Example:
     >>> from anomalib.models import get_model
@@ -12,13 +13,25 @@ Example:
 """
 
 import sys
+from typing import Any
 
-from .models import AnomalyCLIP, FAPrompt
+from .methods import METHODS
 from .registration import register, register_pipelines
 
 register()
 if "anomalib.cli.pipelines" in sys.modules:
     register_pipelines()
 
-__all__ = ["AnomalyCLIP", "FAPrompt", "register"]
+__all__ = [*METHODS, "register"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in METHODS:
+        return METHODS[name].load()
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

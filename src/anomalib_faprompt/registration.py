@@ -11,21 +11,21 @@ from __future__ import annotations
 
 
 def register() -> None:
-    """Expose AnomalyCLIP and FAPrompt on ``anomalib.models``, AuxiliaryDataModule on ``anomalib.data``."""
+    """Expose the methods of :data:`~anomalib_faprompt.methods.METHODS` and our datamodules on anomalib."""
     import anomalib.data as anomalib_data
     import anomalib.models as anomalib_models
 
     from .data import AuxiliaryDataModule, SyntheticAD
-    from .models import AnomalyCLIP, FAPrompt
+    from .methods import METHODS
 
     # anomalib.data.get_datamodule looks names up there
     anomalib_data.AuxiliaryDataModule = AuxiliaryDataModule
     anomalib_data.SyntheticAD = SyntheticAD
 
-    for model_class in (AnomalyCLIP, FAPrompt):
-        setattr(anomalib_models, model_class.__name__, model_class)
-        if model_class.__name__ not in anomalib_models.__all__:
-            anomalib_models.__all__.append(model_class.__name__)
+    for name, method in METHODS.items():
+        setattr(anomalib_models, name, method.load())
+        if name not in anomalib_models.__all__:
+            anomalib_models.__all__.append(name)
 
     register_cli()
 
