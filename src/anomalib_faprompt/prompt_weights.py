@@ -2,15 +2,22 @@
 
 Three formats load:
 
-- the project's own small file (``save_prompt_weights``): learned parameters, whether they were
-  trained, and the settings they depend on;
+- the project's own small file (``save_prompt_weights``): the learned state (parameters and learned
+  buffers such as a visual memory, see ``PromptedCLIP.learned_state_names``), whether it was trained,
+  and the settings it depends on;
 - the authors' released checkpoints, ``{"prompt_learner": state_dict}`` (SPEC §3);
-- a Lightning checkpoint of AnomalyCLIP or FAPrompt (its learned parameters are taken).
+- a Lightning checkpoint of one of the methods (its learned state is taken).
 
-Every format is refused when it holds non-finite values. Prompts only make sense with the CLIP
-and the settings they were learned with, so a prompt file (version 2) records them
-(:func:`clip_identity` plus the model's shape settings, see ``PROMPT_SETTINGS`` in
-``models/prompt_module.py``) and loading it into a model with other settings is refused with
+Each holds prompts of one method, and loading them into another method is refused naming both. The
+method is never guessed: prompt files and Lightning checkpoints record it (``method``, and
+``checkpoint["prompt_settings"]["method"]``); released checkpoints and Lightning checkpoints written
+before checkpoints recorded it are recognised by the keys their method's entry in
+:data:`anomalib_faprompt.methods.METHODS` declares (``released_prompts``, ``unrecorded_checkpoint``),
+and refused when they match no entry. Every format is refused when it holds non-finite values.
+
+Prompts only make sense with the CLIP and the settings they were learned with, so a prompt file
+(version 2) records them (:func:`clip_identity` plus the model's shape settings, see ``PROMPT_SETTINGS``
+in ``models/prompt_module.py``) and loading it into a model with other settings is refused with
 :class:`SettingsMismatchError`, unless the model is built with ``allow_setting_mismatch=True``.
 Lightning checkpoints carry the same record (``checkpoint["prompt_settings"]``); older ones are
 compared on their ``hyper_parameters`` (shape settings only: they do not identify the CLIP
@@ -35,6 +42,7 @@ from typing import Any
 import torch
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.methods import METHODS, recorded_method, released_prompts_methods
 
 FORMAT = "anomalib_faprompt.prompts"
 VERSION = 2
@@ -213,12 +221,13 @@ def save_prompt_weights(
     prompt_settings: dict[str, Any] | None = None,
     trained: bool = True,
 ) -> Path:
-    """Write the learned parameters of ``model`` to a small standalone file.
+    """Write the learned state of ``model`` (parameters and learned buffers) to a small standalone file.
 
     Args:
         model: The torch model.
         path: Destination file.
-        method: Method name (``"AnomalyCLIP"`` or ``"FAPrompt"``), checked at load time.
+        method: The method's prompt identity (``prompt_identity`` in :data:`anomalib_faprompt.methods.METHODS`),
+            checked at load time.
         settings: The model's hyper-parameters (a record for people; not compared).
         prompt_settings: The settings the prompts depend on, compared when the file is loaded.
         trained: Whether the prompts were trained or loaded as trained. A file written with ``False``
@@ -228,7 +237,7 @@ def save_prompt_weights(
         The path written.
 
     Raises:
-        NonFiniteValuesError: If a parameter holds NaN or infinite values (nothing is written).
+        NonFiniteValuesError: If a parameter or learned buffer holds NaN or infinite values (nothing is written).
     """
     path = Path(path)
     state_dict = model.prompt_state_dict()
@@ -298,6 +307,51 @@ def hyper_parameter_settings(hyper_parameters: Mapping[str, Any], names: Sequenc
     return {name: plain_data(hyper_parameters[name]) for name in names if name in hyper_parameters}
 
 
+def _check_released_method(prompt_learner: Mapping[str, Any], method: str, source: str) -> None:
+    """Refuse a released ``prompt_learner`` whose keys are not the declared released format of ``method``."""
+    found = released_prompts_methods(prompt_learner)
+    if len(found) == 1 and found[0].prompt_identity == method:
+        return
+    if len(found) == 1:
+        theirs = found[0].prompt_identity
+        msg = (
+            f"{source} is a {theirs} prompt checkpoint (the authors' released format); load it with "
+            f"{theirs}(prompt_weights=...), not {method}."
+        )
+        raise ValueError(msg)
+    keys = sorted(prompt_learner)
+    msg = (
+        f"{source} is in the authors' released format {{'prompt_learner': ...}}, but its keys match "
+        + ("no method's released format" if not found else "more than one method's released format")
+        + f" (anomalib_faprompt.methods.METHODS): {keys}."
+    )
+    raise ValueError(msg)
+
+
+def check_checkpoint_method(checkpoint: Mapping[str, Any], method: str, source: str) -> None:
+    """Refuse a Lightning checkpoint written by another method than ``method``, naming both.
+
+    The checkpoint's method is the one it records (``prompt_settings["method"]``), or for checkpoints written
+    before they recorded it, the method whose declared ``unrecorded_checkpoint`` keys it has
+    (:func:`anomalib_faprompt.methods.recorded_method`).
+
+    Raises:
+        ValueError: If the checkpoint is another method's, or records no method and matches no declared keys.
+    """
+    theirs = recorded_method(checkpoint)
+    if theirs == method:
+        return
+    if theirs is None:
+        msg = (
+            f"{source} records no method and its learned keys match no method's checkpoint of earlier versions "
+            f"(anomalib_faprompt.methods.METHODS); it cannot be loaded into {method}. Load prompts saved by "
+            "save_prompt_weights or a checkpoint written by this version."
+        )
+        raise ValueError(msg)
+    msg = f"{source} is a {theirs} checkpoint; load it with {theirs}, not {method}."
+    raise ValueError(msg)
+
+
 def load_prompt_weights(
     model: PromptedCLIP,
     path: str | Path,
@@ -311,7 +365,7 @@ def load_prompt_weights(
     Args:
         model: The torch model to load into.
         path: Prompt file, released checkpoint or Lightning checkpoint.
-        method: The method ``model`` implements, to refuse another method's prompts clearly.
+        method: The prompt identity of the method ``model`` implements, to refuse another method's prompts.
         settings: The settings of the model loading them (method, CLIP identity, shape settings), compared
             with those the file records. ``None`` compares nothing.
         allow_setting_mismatch: Load prompts learned with other settings anyway.
@@ -335,6 +389,7 @@ def load_prompt_weights(
     recorded: dict[str, Any] | None = None
     trained = True
     if "prompt_learner" in content:
+        _check_released_method(content["prompt_learner"], method, source)
         state_dict = model.convert_released_state_dict(content["prompt_learner"])
     elif content.get("format") == FORMAT:
         if content["method"] != method:
@@ -345,16 +400,12 @@ def load_prompt_weights(
         recorded = content.get("prompt_settings") or hyper_parameter_settings(content.get("settings", {}), names)
         trained = bool(content.get("trained", True))
     elif "state_dict" in content and any(key.startswith("model.") for key in content["state_dict"]):
-        has_prior = any(key.startswith("model.prior.") for key in content["state_dict"])
-        lightning_method = "FAPrompt" if has_prior else "AnomalyCLIP"
-        if lightning_method != method:
-            msg = f"{source} is a {lightning_method} checkpoint; load it with {lightning_method}, not {method}."
-            raise ValueError(msg)
-        learned = ("deep_prompts.", "prior.", "normal_context", "abnormal_context")
+        check_checkpoint_method(content, method, source)
+        learned = set(model.learned_state_names())
         state_dict = {
             key.removeprefix("model."): value
             for key, value in content["state_dict"].items()
-            if key.removeprefix("model.").startswith(learned)
+            if key.startswith("model.") and key.removeprefix("model.") in learned
         }
         recorded = content.get("prompt_settings") or hyper_parameter_settings(
             content.get("hyper_parameters", {}), names
@@ -364,7 +415,8 @@ def load_prompt_weights(
     else:
         msg = (
             f"{source} is not a prompt checkpoint: expected the released format {{'prompt_learner': ...}}, "
-            f"a file written by save_prompt_weights, or an AnomalyCLIP/FAPrompt Lightning checkpoint."
+            "a file written by save_prompt_weights, or a Lightning checkpoint of one of the methods "
+            f"({', '.join(METHODS)})."
         )
         raise ValueError(msg)
     if not allow_setting_mismatch:

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ class VisualMemory(nn.Module):
         chunk_size: Memory entries compared at once. Bounds the similarity matrix held in memory to
             ``batch × patches × chunk_size``; the result does not depend on it.
     """
+
+    #: Buffers that are learned state: saved in prompt files (``PromptedCLIP.learned_state_names``).
+    learned_buffers: ClassVar[tuple[str, ...]] = ("bank",)
 
     def __init__(self, chunk_size: int = 8192) -> None:
         super().__init__()
