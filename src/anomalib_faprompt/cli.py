@@ -1,10 +1,12 @@
-"""anomalib's CLI rebuilds AnomalyCLIP and FAPrompt from their checkpoints and reports their errors in one line.
+"""anomalib's CLI rebuilds our methods from their checkpoints and reports their errors in one line.
 
 :func:`install` wraps three methods of ``anomalib.cli.cli.AnomalibCLI`` (it runs when that module is
 imported, see ``registration.register_cli``); models and datamodules of other packages are left alone.
+"Our methods" are those of :data:`anomalib_faprompt.methods.METHODS` (AnomalyCLIP, FAPrompt) and their
+subclasses.
 
 **Checkpoints that remember.** With ``--ckpt_path`` (``fit``, ``validate``, ``test``, ``train``, ``predict``,
-``export``) and ``--model AnomalyCLIP`` or ``--model FAPrompt``, the model is built with the settings
+``export``) and ``--model`` one of our methods (e.g. ``--model FAPrompt``), the model is built with the settings
 recorded in the checkpoint's ``hyper_parameters`` before anything is instantiated, so
 
 .. code-block:: bash
@@ -117,16 +119,14 @@ def read_checkpoint(path: str | Path, model_class: type) -> dict[str, Any]:
 
 
 def checkpoint_method(checkpoint: Mapping[str, Any]) -> str | None:
-    """``"AnomalyCLIP"`` or ``"FAPrompt"`` for checkpoints of these models, else ``None``."""
-    method = (checkpoint.get("prompt_settings") or {}).get("method")
-    if method:
-        return method
-    keys = checkpoint.get("state_dict") or {}
-    if any(key.startswith("model.prior.") for key in keys):
-        return "FAPrompt"
-    if "model.normal_context" in keys or any(key.startswith("model.deep_prompts.") for key in keys):
-        return "AnomalyCLIP"
-    return None
+    """The prompt identity of the method that wrote the checkpoint, ``None`` if it is none of ours.
+
+    As :func:`anomalib_faprompt.methods.recorded_method`: the recorded method, or for checkpoints written before
+    checkpoints recorded it, the method whose declared keys it has.
+    """
+    from anomalib_faprompt.methods import recorded_method
+
+    return recorded_method(checkpoint)
 
 
 # The settings rule ------------------------------------------------------------------------------------------------
@@ -177,7 +177,9 @@ def settings_from_checkpoint(
     method = checkpoint_method(checkpoint)
     expected = getattr(model_class, "method_name", name)
     if method != expected:
-        held = f"holds a {method} checkpoint" if method else "is not a checkpoint of AnomalyCLIP or FAPrompt"
+        from anomalib_faprompt.methods import METHODS
+
+        held = f"holds a {method} checkpoint" if method else f"is not a checkpoint of {' or '.join(METHODS)}"
         hint = f"; use --model {method}" if method else ""
         msg = f"--ckpt_path '{source}' {held}, not one of {name}{hint}."
         raise CheckpointSettingsError(msg)
@@ -207,7 +209,8 @@ def settings_from_checkpoint(
 
 
 def _our_model_class(model_config: Any) -> type | None:
-    from anomalib_faprompt.models.prompt_module import PromptLearningMixin
+    """The class of ``--model`` when it is one of our methods (or a subclass of one), else ``None``."""
+    from anomalib_faprompt.methods import method_classes
 
     class_path = getattr(model_config, "class_path", None) if model_config is not None else None
     if not isinstance(class_path, str) or "." not in class_path:
@@ -217,7 +220,7 @@ def _our_model_class(model_config: Any) -> type | None:
         model_class = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
         return None
-    return model_class if isinstance(model_class, type) and issubclass(model_class, PromptLearningMixin) else None
+    return model_class if isinstance(model_class, type) and issubclass(model_class, tuple(method_classes())) else None
 
 
 def _given_init_args(cli: Any, subcommand: str, model_class: type, init_args: Mapping[str, Any]) -> set[str]:
@@ -300,9 +303,9 @@ def _our_classes() -> list[type]:
     from anomalib.data import AnomalibDataModule
 
     from anomalib_faprompt import data
-    from anomalib_faprompt.models.prompt_module import PromptLearningMixin
+    from anomalib_faprompt.methods import method_classes
 
-    classes: list[type] = [PromptLearningMixin]
+    classes: list[type] = method_classes()
     for name in getattr(data, "__all__", ()):
         value = getattr(data, name, None)
         if isinstance(value, type) and issubclass(value, AnomalibDataModule):

@@ -133,9 +133,9 @@ class CheckpointWarningForReadyPrompts(logging.Filter):
         if model is None:
             trainer = getattr(frame.f_locals.get("self"), "_trainer", None)
             model = getattr(trainer, "lightning_module", None)
-        from anomalib_faprompt.models.prompt_module import PromptLearningMixin
+        from anomalib_faprompt.methods import method_classes
 
-        return not (isinstance(model, PromptLearningMixin) and bool(model.model.prompts_ready))
+        return not (isinstance(model, tuple(method_classes())) and bool(model.model.prompts_ready))
 
 
 def _add_filter(logger_name: str, log_filter: logging.Filter) -> None:
