@@ -23,6 +23,7 @@ so that it finishes in under 10 minutes on 2 cores; pass ``--repeats``/``--warmu
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -39,18 +40,25 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from anomalib_faprompt import AnomalyCLIP, FAPrompt
+from anomalib_faprompt.methods import METHODS as METHOD_LIST
 
 #: Model settings per configuration (the paper's are ``large``).
 CONFIGS: dict[str, dict[str, Any]] = {
     "small": {"backbone": "ViT-B-16", "image_size": 224, "dpam_layers": 10, "feature_layers": (6, 12)},
     "large": {"backbone": "ViT-L-14-336", "image_size": 518, "dpam_layers": 19, "feature_layers": (6, 12, 18, 24)},
 }
-METHODS = {"AnomalyCLIP": AnomalyCLIP, "FAPrompt": FAPrompt}
+#: Every method of the package (``anomalib_faprompt.methods.METHODS``), by short name.
+METHODS = {name: method.load() for name, method in METHOD_LIST.items()}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Timing defaults: (repeats, warm-up runs, training batch) per (config, device type).
 TIMING_DEFAULTS: dict[tuple[str, str], tuple[int, int, int]] = {("large", "cpu"): (1, 0, 2)}
 DEFAULT_TIMING = (3, 1, 8)
+
+
+def accepted_settings(model_class: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of ``config`` that ``model_class`` takes (``feature_layers`` only where a method has them)."""
+    parameters = inspect.signature(model_class.__init__).parameters
+    return {key: value for key, value in config.items() if key in parameters}
 
 
 def synchronise(device: torch.device) -> None:
@@ -170,14 +178,14 @@ def build(method: str, config: dict[str, Any], device: torch.device) -> torch.nn
     """Lightning module of ``method`` with random CLIP weights and untrained prompts.
 
     Args:
-        method: ``AnomalyCLIP`` or ``FAPrompt``.
+        method: A method's short name (a key of :data:`METHODS`).
         config: One of :data:`CONFIGS`.
         device: Where to put it.
 
     Returns:
         The module, without pre/post-processing, on ``device``.
     """
-    settings = {k: v for k, v in config.items() if k != "feature_layers" or method == "AnomalyCLIP"}
+    settings = accepted_settings(METHODS[method], config)
     module = METHODS[method](
         **settings,
         pretrained=None,
@@ -196,7 +204,7 @@ def benchmark_method(
     """FLOPs, inference latency/throughput/memory per batch size, and one training step of a method.
 
     Args:
-        method: ``AnomalyCLIP`` or ``FAPrompt``.
+        method: A method's short name (a key of :data:`METHODS`).
         config: One of :data:`CONFIGS`.
         args: Parsed command line (batch sizes, precision, repeats, ...).
         device: Device to run on.

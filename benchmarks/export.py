@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import platform
 import statistics
@@ -33,13 +34,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalib_faprompt import AnomalyCLIP, FAPrompt
+from anomalib_faprompt.methods import METHODS as METHOD_LIST
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "small": {"backbone": "ViT-B-16", "image_size": 224, "dpam_layers": 10, "feature_layers": (3, 6, 9, 12)},
     "large": {"backbone": "ViT-L-14-336", "image_size": 518, "dpam_layers": 19, "feature_layers": (6, 12, 18, 24)},
 }
-METHODS = {"AnomalyCLIP": AnomalyCLIP, "FAPrompt": FAPrompt}
+#: Every method of the package (``anomalib_faprompt.methods.METHODS``), by short name.
+METHODS = {name: method.load() for name, method in METHOD_LIST.items()}
+
+
+def accepted_settings(model_class: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of ``config`` that ``model_class`` takes (``feature_layers`` only where a method has them)."""
+    parameters = inspect.signature(model_class.__init__).parameters
+    return {key: value for key, value in config.items() if key in parameters}
 
 
 def median_seconds(function: Callable[[], object], repeats: int) -> float:
@@ -65,7 +73,7 @@ def benchmark_method(method: str, args: argparse.Namespace, folder: Path) -> dic
     """Export one method to ONNX and OpenVINO, then compare outputs and latency with torch.
 
     Args:
-        method: ``AnomalyCLIP`` or ``FAPrompt``.
+        method: A method's short name (a key of :data:`METHODS`).
         args: Parsed command line.
         folder: Where the exported files go.
 
@@ -77,7 +85,7 @@ def benchmark_method(method: str, args: argparse.Namespace, folder: Path) -> dic
 
     torch.manual_seed(0)
     config = CONFIGS[args.config]
-    settings = {k: v for k, v in config.items() if k != "feature_layers" or method == "AnomalyCLIP"}
+    settings = accepted_settings(METHODS[method], config)
     model = METHODS[method](**settings, pretrained=None).eval()
     model.model.prompts_ready.fill_(True)  # random prompts: fine for speed and export fidelity, see the docstring
 
