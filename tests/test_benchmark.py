@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from anomalib_faprompt.methods import METHODS
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 
 
@@ -20,7 +22,7 @@ def test_benchmark_reports_latency_training_memory_and_efficiency():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["machine"]["matmul_gflops"] > 0
-    assert {entry["method"] for entry in report["results"]} == {"AnomalyCLIP", "FAPrompt"}
+    assert {entry["method"] for entry in report["results"]} == set(METHODS)
     for entry in report["results"]:
         assert entry["gflops_per_image"] > entry["vision_gflops_per_image"] > 0
         for batch in ("batch_1", "batch_2"):

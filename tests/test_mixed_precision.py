@@ -17,10 +17,11 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 
-from anomalib_faprompt import AnomalyCLIP, FAPrompt
 from anomalib_faprompt.components import patch_similarity
+from anomalib_faprompt.methods import METHODS as METHOD_LIST
 
-METHODS = {"AnomalyCLIP": AnomalyCLIP, "FAPrompt": FAPrompt}
+#: The methods with released prompts (the fixtures hold them in the released format).
+METHODS = {name: method.load() for name, method in METHOD_LIST.items() if method.released_prompts is not None}
 BOUND = 1e-2
 #: Unit roundoff of each 16-bit format (fp16: 10 stored mantissa bits, bf16: 7).
 ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -157,7 +158,7 @@ def test_faprompt_score_depends_on_the_order_of_its_patches(
     assert (reordered.pred_score - reference.pred_score).abs().max() > BOUND
 
 
-@pytest.mark.parametrize("method", ["AnomalyCLIP", "FAPrompt"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_autocast_training_losses_are_fp32_and_close(method, small_clip, released_prompts, anomalyclip_golden):
     module = make_model(method, small_clip, released_prompts)
     images = anomalyclip_golden["inputs"]["images"][:2]

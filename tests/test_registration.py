@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from anomalib_faprompt.methods import METHODS
+
 ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 
 
@@ -23,7 +25,7 @@ def test_unrelated_programs_do_not_import_torch():
     assert not [name for name in imported if name.split(".")[0] in {"torch", "anomalib", "anomalib_faprompt"}]
 
 
-@pytest.mark.parametrize("method", ["AnomalyCLIP", "FAPrompt"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_cli_resolves_short_name(method):
     result = run(ANOMALIB, "test", "--model", method, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -41,7 +43,7 @@ assert type(get_model("FAPrompt", **settings)).__name__ == "FAPrompt"
 assert type(get_model("anomaly_clip", feature_layers=[6], **settings)).__name__ == "AnomalyCLIP"
 model = get_model({{"class_path": "AnomalyCLIP", "init_args": dict(feature_layers=[6], **settings)}})
 assert type(model).__module__.startswith("anomalib_faprompt"), type(model)
-assert {{"AnomalyCLIP", "FAPrompt"}} <= list_models(case="pascal")
+assert {set(METHODS)!r} <= list_models(case="pascal")
 print("resolved")
 """
     result = run(sys.executable, "-c", code)
