@@ -3,7 +3,9 @@
 The backbone is an open_clip architecture name (``"ViT-L-14-336"``) or a path to an
 open_clip JSON model config. Weights come from an open_clip pretrained tag (``"openai"``),
 from a local file (OpenAI's JIT archive, or an OpenAI/open_clip state dict), or are left
-randomly initialised with ``pretrained=None``.
+randomly initialised with ``pretrained=None``. Weights files are read by open_clip's
+``load_state_dict`` (torch or safetensors files, training checkpoints); OpenAI's JIT archives, which
+open_clip reads only inside its own OpenAI model builder, are read here (see :func:`_load_weights`).
 
 A tag's file is taken from the download caches first (Hugging Face hub cache, open_clip's URL cache),
 without network. Otherwise it is downloaded, unless the machine is offline: with ``HF_HUB_OFFLINE``
@@ -80,21 +82,59 @@ def _is_jit_archive(path: Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """Read a weights file; returns the state dict and whether it was an OpenAI JIT archive."""
-    if _is_jit_archive(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, OpenAI ships JIT
-            archive = torch.jit.load(str(path), map_location="cpu")
-        state_dict = {k: v for k, v in archive.state_dict().items() if k not in _JIT_EXTRA_KEYS}
-        return state_dict, True
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict):
-        msg = f"'{path}' holds a {type(checkpoint).__name__}, not a CLIP state dict."
+def _read_jit_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The parameters of an OpenAI JIT archive (open_clip reads these only through its own OpenAI model builder)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, OpenAI ships JIT
+        archive = torch.jit.load(str(path), map_location="cpu")
+    return {k: v for k, v in archive.state_dict().items() if k not in _JIT_EXTRA_KEYS}
+
+
+def _load_weights(model: nn.Module, path: Path, is_jit: bool) -> None:
+    """Load a weights file into ``model``, strictly.
+
+    The file is read by open_clip's ``load_state_dict`` (torch and safetensors files, ``{"state_dict": ...}``
+    training checkpoints, DistributedDataParallel's ``module.`` prefix), OpenAI's JIT archives by
+    :func:`_read_jit_state_dict`. open_clip's ``load_checkpoint`` is not used to apply it: it silently
+    interpolates the positional embeddings of weights made for another image size than the architecture's
+    (a ViT-L-14 config given the ViT-L-14-336 weights would run with resized embeddings); a strict
+    ``load_state_dict`` refuses them.
+
+    Raises:
+        ValueError: Naming the file, if it holds no state dict or one of another architecture.
+    """
+    from open_clip.factory import load_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    if is_jit:
+        state_dict = _read_jit_state_dict(path)
+    else:
+        try:
+            state_dict = load_state_dict(str(path))
+        except (AttributeError, StopIteration) as error:  # open_clip assumes a non-empty mapping (.items())
+            content = torch.load(path, map_location="cpu", weights_only=True)
+            kind = "an empty dict" if isinstance(content, dict) else f"a {type(content).__name__}"
+            msg = f"'{path}' holds {kind}, not a CLIP state dict."
+            raise ValueError(msg) from error
+    if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
+        state_dict = convert_to_custom_text_state_dict(state_dict)
+    state_dict.pop("logit_bias", None)
+    if "logit_scale" in state_dict:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
+    advice = "Pass the backbone (architecture name or JSON config) the weights were made for."
+    try:
+        incompatible = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shapes that differ
+        msg = f"CLIP weights '{path}' do not fit the architecture: {' '.join(str(error).split())} {advice}"
+        raise ValueError(msg) from error
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        differences = [
+            f"{len(keys)} {kind} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for kind, keys in (("missing", incompatible.missing_keys), ("unexpected", incompatible.unexpected_keys))
+            if keys
+        ]
+        msg = f"CLIP weights '{path}' do not fit the architecture: {'; '.join(differences)}. {advice}"
         raise ValueError(msg)
-    return {k.removeprefix("module."): v for k, v in checkpoint.items()}, False
 
 
 #: Seconds to wait for the download server to answer before a tag that is not cached counts as unobtainable.
@@ -257,17 +297,17 @@ def build_clip(
     Raises:
         WeightsNotFoundError: If the weights file is missing or a tag cannot be downloaded.
     """
-    from open_clip.model import CLIP, convert_to_custom_text_state_dict
+    from open_clip.model import CLIP
 
     config = dict(model_config(backbone))
     name = str(backbone).replace("/", "-")
-    state_dict = None
+    weights: tuple[Path, bool] | None = None  # the file and whether it is an OpenAI JIT archive
     if pretrained is not None:
         path = Path(pretrained)
         is_file_like = path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"} or len(path.parts) > 1
         if path.is_file():
-            state_dict, is_jit = _read_state_dict(path)
-            config["quick_gelu"] = config.get("quick_gelu", False) or is_jit
+            weights = (path, _is_jit_archive(path))
+            config["quick_gelu"] = config.get("quick_gelu", False) or weights[1]
         elif is_file_like:
             msg = (
                 f"CLIP weights file '{path}' does not exist. Pass the path of an existing OpenAI JIT archive "
@@ -276,18 +316,14 @@ def build_clip(
             )
             raise WeightsNotFoundError(msg)
         else:
-            state_dict, _ = _read_state_dict(Path(_download_tag(name, str(pretrained), cache_dir)))
+            path = Path(_download_tag(name, str(pretrained), cache_dir))
+            weights = (path, _is_jit_archive(path))
             config["quick_gelu"] = config.get("quick_gelu", False) or str(pretrained) == "openai"
 
     config.pop("custom_text", None)
     model = CLIP(**config)
-    if state_dict is not None:
-        if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
-            state_dict = convert_to_custom_text_state_dict(state_dict)
-        state_dict.pop("logit_bias", None)
-        if "logit_scale" in state_dict:
-            state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
-        model.load_state_dict(state_dict)
+    if weights is not None:
+        _load_weights(model, *weights)
     model = model.float().eval().requires_grad_(False)
     model.quick_gelu = bool(config.get("quick_gelu", False))
     return model
