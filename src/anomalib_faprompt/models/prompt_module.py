@@ -1,16 +1,19 @@
-"""Behaviour shared by the Lightning modules of the prompt-learning methods.
+"""The prompt lifecycle every prompt method's Lightning module shares.
 
-Both AnomalyCLIP and FAPrompt learn prompts on *anomalous* samples with masks (an auxiliary
-dataset, in the zero-shot protocol) and refuse to score images with prompts that were neither
-trained nor loaded. This mixin holds that logic, the release's pre-processing and optimiser,
-and the default evaluator; each method's module stays a direct ``AnomalibModule`` subclass.
+:class:`PromptLifecycleMixin` loads, saves and checks prompts (trained or loaded, finite, learned with the same
+settings and CLIP), collects few-shot references, scores batches, configures anomalib's components and exports.
+How prompts are *learned* is a separate training rule the method opts into (:mod:`.training_rules`); each
+method's module stays a direct ``AnomalibModule`` subclass::
+
+    class FAPrompt(PromptLifecycleMixin, MaskSupervisedPromptLearning, AnomalibModule): ...
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -23,9 +26,11 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from anomalib_faprompt.callbacks import MODEL_CREATED, hand_over_callbacks
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.clip.settings import check_int
 from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics
 from anomalib_faprompt.data.validation import check_masks_before_setup, validate_trainer_data
 from anomalib_faprompt.logs import quiet_export
+from anomalib_faprompt.models.training_rules import ZERO_SHOT_PROTOCOL
 from anomalib_faprompt.prompt_weights import (
     NonFiniteValuesError,
     check_finite,
@@ -53,13 +58,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: that fails on this graph (ReduceMean/Split axes) and leaves the model at 18 after a long warning anyway.
 ONNX_OPSET = 18
 
-ZERO_SHOT_PROTOCOL = (
-    "Zero-shot prompt learning needs anomalous training samples with masks: prompts are learned once on an "
-    "auxiliary labelled dataset (e.g. the test split of all MVTec AD categories) and then applied unchanged to "
-    "other datasets. Train on such data (anomalib_faprompt.data.AuxiliaryDataModule, or a datamodule whose train "
-    "split holds anomalous images with masks), or load learned prompts with prompt_weights=... and run "
-    "`anomalib test` directly."
-)
+__all__ = ["ZERO_SHOT_PROTOCOL", "PromptLearningMixin", "PromptLifecycleMixin", "UntrainedPromptsError"]
 
 
 #: Settings prompts depend on beyond the method and the CLIP (:func:`clip_identity`): recorded in prompt files
@@ -77,6 +76,24 @@ PROMPT_SETTINGS = (
     "n_abnormal_prompts",
     "n_prior_patches",
 )
+
+
+def check_references(
+    k_shot: int, few_shot_source: str | Path | None, reference_seed: int
+) -> tuple[int, Path | None, int]:
+    """Check the few-shot reference settings (called first thing by the methods' constructors).
+
+    Raises:
+        ValueError: For a negative or non-integer ``k_shot`` or ``reference_seed``.
+        FileNotFoundError: For a ``few_shot_source`` that does not exist.
+    """
+    k_shot = check_int("k_shot", k_shot, 0, why="normal reference images; 0 is zero-shot")
+    reference_seed = check_int("reference_seed", reference_seed, 0, why="of the sampling of the references")
+    source = Path(few_shot_source) if few_shot_source not in {None, ""} else None
+    if source is not None and not source.exists():
+        msg = f"few_shot_source '{source}' does not exist (a normal reference image, or a folder of them)."
+        raise FileNotFoundError(msg)
+    return k_shot, source, reference_seed
 
 
 class UntrainedPromptsError(RuntimeError):
@@ -98,11 +115,19 @@ class PromptWeightsCheckpoint(Callback):
         pl_module.save_prompt_weights(Path(dirpath) / "prompts.pt")
 
 
-class PromptLearningMixin:
-    """Shared Lightning logic; the class using it sets ``self.model`` to a :class:`PromptedCLIP`."""
+class PromptLifecycleMixin(ABC):
+    """The prompt lifecycle of a prompt method's Lightning module.
+
+    The method sets :attr:`method_name` (its identity in prompt files and checkpoints) and ``self.model`` (a
+    :class:`PromptedCLIP`), then calls :meth:`_init_prompts` at the end of ``__init__``. Its training rule
+    (:mod:`.training_rules`) provides ``training_step``, ``configure_optimizers`` and
+    ``training_learning_type``. Every Lightning hook here calls ``super()``, so rules and anomalib's mixins
+    keep theirs.
+    """
 
     model: PromptedCLIP
-    method_name: str
+    method_name: ClassVar[str]
+    training_learning_type: ClassVar[LearningType]
 
     def _init_prompts(
         self,
@@ -110,6 +135,9 @@ class PromptLearningMixin:
         allow_untrained_prompts: bool,
         max_epochs: int | None,
         allow_setting_mismatch: bool = False,
+        k_shot: int = 0,
+        few_shot_source: str | Path | None = None,
+        reference_seed: int = 0,
     ) -> None:
         # Checkpoints are read with weights_only=True, which refuses OmegaConf containers (YAML configs pass
         # lists as ListConfig) and anything but plain Python: store plain values so every path can reload them.
@@ -124,6 +152,9 @@ class PromptLearningMixin:
         self.max_epochs = max_epochs
         self.allow_untrained_prompts = allow_untrained_prompts
         self.allow_setting_mismatch = allow_setting_mismatch
+        self.k_shot, self.few_shot_source, self.reference_seed = check_references(
+            k_shot, few_shot_source, reference_seed
+        )
         self._clip_identity = clip_identity(self.hparams["backbone"], self.hparams["pretrained"])
         self._step_hooks: list[Any] = []
         self._initial_prompts: dict[str, torch.Tensor] | None = None
@@ -226,12 +257,14 @@ class PromptLearningMixin:
 
     @property
     def learning_type(self) -> LearningType:
-        """``ZERO_SHOT`` with loaded prompts (the engine skips fitting), otherwise ``ONE_CLASS``.
+        """What the model does, for anomalib's engine.
 
-        anomalib has no learning type for training on labelled anomalies; ``ONE_CLASS`` is the one
-        for which the engine runs the fitting loop. The train split is checked to hold anomalies.
+        ``ZERO_SHOT`` with loaded prompts, ``FEW_SHOT`` with loaded prompts and ``k_shot`` references (the
+        engine skips fitting for both), otherwise the training rule's type (fitting learns the prompts).
         """
-        return LearningType.ZERO_SHOT if self.prompt_weights is not None else LearningType.ONE_CLASS
+        if self.prompt_weights is None:
+            return self.training_learning_type
+        return LearningType.FEW_SHOT if self.k_shot else LearningType.ZERO_SHOT
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -241,22 +274,7 @@ class PromptLearningMixin:
             arguments["max_epochs"] = self.max_epochs
         return arguments
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam on the learnable parameters only, with the release's settings."""
-        return torch.optim.Adam(self.model.learnable_parameters(), lr=self.learning_rate, betas=tuple(self.betas))
-
     # Guards ---------------------------------------------------------------------------------------------------
-
-    def _check_train_split(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        dataset = getattr(datamodule, "train_data", None)
-        samples = getattr(dataset, "samples", None)
-        if samples is not None and "label_index" in samples and not (samples["label_index"] == 1).any():
-            msg = (
-                f"{self.method_name}: the train split has no anomalous samples (a one-class split). "
-                + ZERO_SHOT_PROTOCOL
-            )
-            raise ValueError(msg)
 
     def _check_prompts_ready(self, stage: str) -> None:
         if not bool(self.model.prompts_ready) and not self.allow_untrained_prompts:
@@ -295,35 +313,106 @@ class PromptLearningMixin:
 
     def prepare_data(self) -> None:
         """Refuse anomalous images without masks (Lightning calls this before it sets the datamodule up)."""
+        super().prepare_data()
         check_masks_before_setup(getattr(self.trainer, "datamodule", None))
 
+    def setup(self, stage: str) -> None:
+        """Collect the ``k_shot`` normal references before scoring (validate, test, predict)."""
+        super().setup(stage)
+        if self.k_shot and stage in {"validate", "test", "predict"}:
+            self._collect_references()
+
+    def _collect_references(self) -> None:
+        """Fill the visual memory with ``k_shot`` normal images, pre-processed as test images.
+
+        From ``few_shot_source`` (the first ``k_shot`` images of the folder, sorted by name) when given, otherwise
+        sampled with ``reference_seed`` from the normal images of the datamodule's train split (the target's, for
+        :class:`~anomalib_faprompt.data.AuxiliaryDataModule`), as anomalib's WinClip does. A memory that came
+        with a checkpoint or prompt file is kept only when neither is available (predicting on a folder).
+
+        Raises:
+            ValueError: If fewer than ``k_shot`` normal images are available, naming where they were looked for.
+        """
+        images, source = self._reference_images()
+        if images is None:
+            if self.model.references.is_empty:
+                msg = (
+                    f"{self.method_name}: k_shot={self.k_shot} needs normal reference images, but there is no train "
+                    "split to sample them from and no stored memory. Pass few_shot_source=/folder/of/normal/images "
+                    "(CLI: --model.few_shot_source), or use a datamodule with a train split."
+                )
+                raise ValueError(msg)
+            return
+        if len(images) < self.k_shot:
+            msg = (
+                f"{self.method_name}: k_shot={self.k_shot} but {source} holds only {len(images)} normal image(s). "
+                f"Lower k_shot to at most {len(images)} or add normal images."
+            )
+            raise ValueError(msg)
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+        batch = torch.stack([transform(image) if transform is not None else image for image in images[: self.k_shot]])
+        self.model.references.reset()
+        self.model.add_references(batch.to(self.device))
+        logger.info(
+            "%s: %d normal reference image(s) from %s in the visual memory (%.1f MB)",
+            self.method_name,
+            self.k_shot,
+            source,
+            self.model.references.nbytes / 2**20,
+        )
+
+    def _reference_images(self) -> tuple[list[torch.Tensor] | None, str]:
+        """Candidate normal images (un-pre-processed, in sampling order) and where they come from."""
+        if self.few_shot_source is not None:
+            from anomalib.data import PredictDataset
+
+            dataset = PredictDataset(self.few_shot_source)
+            return [dataset[index].image for index in range(len(dataset))], f"few_shot_source '{self.few_shot_source}'"
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(datamodule, "target", datamodule)  # AuxiliaryDataModule: the target's normal images
+        dataset = getattr(datamodule, "train_data", None)
+        samples = getattr(dataset, "samples", None)
+        if samples is None:
+            return None, ""
+        normal = [int(index) for index in (samples["label_index"] == 0).to_numpy().nonzero()[0]]
+        generator = torch.Generator().manual_seed(self.reference_seed)
+        order = [normal[index] for index in torch.randperm(len(normal), generator=generator)[: self.k_shot].tolist()]
+        name = f"the train split of {getattr(datamodule, 'name', type(datamodule).__name__)}"
+        category = getattr(datamodule, "category", None)
+        return [dataset[index].image for index in order], name + (f"/{category}" if category else "")
+
     def on_fit_start(self) -> None:
-        """Refuse one-class train splits before any work is done."""
-        self._check_train_split()
+        """Check the training data's files before any work is done."""
+        super().on_fit_start()
         validate_trainer_data(self.trainer, "fit")
 
     def on_fit_end(self) -> None:
         """Remember what the fit did, to explain untrained prompts (e.g. ``--trainer.max_epochs 0``) later."""
+        super().on_fit_end()
         self._last_fit = {"steps": self.trainer.global_step, "max_epochs": self.trainer.max_epochs}
 
     def on_validation_start(self) -> None:
         """Validation outside of fitting needs usable prompts."""
+        super().on_validation_start()
         if self.trainer.state.fn != "fit":
             self._check_prompts_ready("validate")
         validate_trainer_data(self.trainer, "validate")
 
     def on_test_start(self) -> None:
         """Testing needs usable prompts."""
+        super().on_test_start()
         self._check_prompts_ready("test")
         validate_trainer_data(self.trainer, "test")
 
     def on_predict_start(self) -> None:
         """Prediction needs usable prompts."""
+        super().on_predict_start()
         self._check_prompts_ready("predict")
         validate_trainer_data(self.trainer, "predict")
 
     def on_predict_end(self) -> None:
         """Say where the visualiser wrote the images (``anomalib predict`` would not say otherwise)."""
+        super().on_predict_end()
         folder = getattr(self.visualizer, "output_dir", None)
         if folder is not None and self.trainer.is_global_zero:
             # Resolved: anomalib's results folders go through a ``latest`` link that the next run moves.
@@ -339,25 +428,16 @@ class PromptLearningMixin:
         """
         return []
 
-    def _training_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch.gt_mask is None:
-            msg = (
-                f"{self.method_name} learns from pixel masks, but the training batch has none. Use a dataset with "
-                "ground-truth masks for the anomalous samples. " + ZERO_SHOT_PROTOCOL
-            )
-            raise ValueError(msg)
-        masks = (batch.gt_mask.float() > 0.5).float()
-        masks = masks.squeeze(1) if masks.dim() == 4 else masks
-        return masks, batch.gt_label.long()
-
     # Trained means: an optimiser step changed the prompts ----------------------------------------------------
 
     def on_train_start(self) -> None:
         """Watch the optimisers' steps: the prompts count as trained once a step has changed them."""
+        super().on_train_start()
         self._watch_optimizer_steps(self.trainer.optimizers)
 
     def on_train_end(self) -> None:
         """Stop watching the optimisers."""
+        super().on_train_end()
         self._unwatch_optimizer_steps()
 
     def _watch_optimizer_steps(self, optimizers: list[torch.optim.Optimizer]) -> None:
@@ -386,15 +466,6 @@ class PromptLearningMixin:
         if any(not torch.equal(current[name].detach(), value) for name, value in initial.items()):
             self.model.prompts_ready.fill_(True)
             self._unwatch_optimizer_steps()
-
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """One prompt-learning step on labelled images with masks (the method's ``training_losses``)."""
-        del args, kwargs
-        self._check_finite_input(batch, "train")
-        masks, labels = self._training_targets(batch)
-        losses = self.training_losses(batch.image, masks, labels)
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
-        return losses
 
     # Scoring: non-finite values raise instead of being scored -------------------------------------------------
 
@@ -619,3 +690,7 @@ class PromptLearningMixin:
             ov_kwargs=ov_kwargs,
             onnx_kwargs={"opset_version": ONNX_OPSET, **(onnx_kwargs or {})},
         )
+
+
+#: The name the lifecycle had before training rules were split out of it (``isinstance`` checks keep working).
+PromptLearningMixin = PromptLifecycleMixin

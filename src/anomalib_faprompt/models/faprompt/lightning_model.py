@@ -25,7 +25,8 @@ from anomalib.visualization import Visualizer
 from torch import nn
 
 from anomalib_faprompt.clip.settings import check_int, check_training
-from anomalib_faprompt.models.prompt_module import PromptLearningMixin
+from anomalib_faprompt.models.prompt_module import PromptLifecycleMixin, check_references
+from anomalib_faprompt.models.training_rules import MaskSupervisedPromptLearning
 
 from .loss import FAPromptLoss
 from .torch_model import FAPromptModel
@@ -33,7 +34,7 @@ from .torch_model import FAPromptModel
 __all__ = ["FAPrompt"]
 
 
-class FAPrompt(PromptLearningMixin, AnomalibModule):
+class FAPrompt(PromptLifecycleMixin, MaskSupervisedPromptLearning, AnomalibModule):
     """FAPrompt Lightning module.
 
     Args:
@@ -65,6 +66,16 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
         max_epochs: Epochs of prompt learning. ``None`` leaves it to the trainer (15 in ``configs/``); when
             set it overrides the trainer's value, for runners that take no trainer config (``anomalib benchmark``);
             it must then be at least 1 (zero epochs would learn nothing).
+        k_shot: Normal reference images whose patch features form a visual memory fused with the prompts' map
+            and score (0: zero-shot). Sampled with ``reference_seed`` from the normal images of the datamodule's
+            train split (the target's for ``AuxiliaryDataModule``) before validation, test and prediction, or
+            the first ``k_shot`` images of ``few_shot_source``. A checkpoint keeps the memory of its last run,
+            used only where no train split or source is available (predicting on a folder, export).
+        few_shot_source: An image or folder of normal reference images to use instead of the train split.
+        reference_seed: Seed of the sampling of the references from the train split.
+        reference_weight: Weight ``w`` of the visual memory: map = (1 - w) · prompt map + w · visual map,
+            score likewise (see ``PromptedCLIP.forward``); the references' features are those of the feature
+            layers the prompts read, so no extra forward pass runs per test image.
         pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for the papers' metrics (image AUROC and AP, pixel AUROC and AUPRO)
@@ -96,6 +107,10 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
         allow_untrained_prompts: bool = False,
         allow_setting_mismatch: bool = False,
         max_epochs: int | None = None,
+        k_shot: int = 0,
+        few_shot_source: str | Path | None = None,
+        reference_seed: int = 0,
+        reference_weight: float = 0.5,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -103,6 +118,7 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
     ) -> None:
         # Checked before anything is built; the normalised values are what hparams and checkpoints record.
         image_size = check_int("image_size", image_size)
+        k_shot, few_shot_source, reference_seed = check_references(k_shot, few_shot_source, reference_seed)
         learning_rate, betas, max_epochs = check_training(learning_rate, betas, max_epochs)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -124,11 +140,20 @@ class FAPrompt(PromptLearningMixin, AnomalibModule):
             text_depth=text_depth,
             text_n_ctx=text_n_ctx,
             sigma=sigma,
+            reference_weight=reference_weight,
         )
         self.loss = FAPromptLoss()
         self.learning_rate = learning_rate
         self.betas = betas
-        self._init_prompts(prompt_weights, allow_untrained_prompts, max_epochs, allow_setting_mismatch)
+        self._init_prompts(
+            prompt_weights,
+            allow_untrained_prompts,
+            max_epochs,
+            allow_setting_mismatch,
+            k_shot=k_shot,
+            few_shot_source=few_shot_source,
+            reference_seed=reference_seed,
+        )
 
     def training_losses(
         self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor

@@ -1,0 +1,95 @@
+"""Training rules a prompt method opts into, beside the prompt lifecycle of :mod:`.prompt_module`.
+
+A training rule says what a method learns from and how one step goes: which data it accepts, the
+targets it takes from a batch, the optimiser and the training step. The prompt lifecycle (loading,
+saving, validity, references, scoring, export) is the same for every method and knows nothing of it.
+
+- :class:`MaskSupervisedPromptLearning`: prompts learned on *anomalous* images with pixel masks, the
+  zero-shot protocol's auxiliary training (AnomalyCLIP, FAPrompt).
+
+A method combines the lifecycle, one rule and anomalib's module, in that order, so that every hook
+runs through all of them (each calls ``super()``)::
+
+    class MyMethod(PromptLifecycleMixin, MaskSupervisedPromptLearning, AnomalibModule): ...
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+
+ZERO_SHOT_PROTOCOL = (
+    "Zero-shot prompt learning needs anomalous training samples with masks: prompts are learned once on an "
+    "auxiliary labelled dataset (e.g. the test split of all MVTec AD categories) and then applied unchanged to "
+    "other datasets. Train on such data (anomalib_faprompt.data.AuxiliaryDataModule, or a datamodule whose train "
+    "split holds anomalous images with masks), or load learned prompts with prompt_weights=... and run "
+    "`anomalib test` directly."
+)
+
+
+class MaskSupervisedPromptLearning(ABC):
+    """Learn prompts from labelled anomalous images with masks (the auxiliary data of the zero-shot protocol).
+
+    The method provides :attr:`learning_rate`, :attr:`betas` (Adam, as both releases train) and
+    :meth:`training_losses`; the rule refuses a one-class train split at the start of a fit and feeds every
+    step the batch's binary masks and labels.
+    """
+
+    method_name: str
+    learning_rate: float
+    betas: Sequence[float]
+
+    #: What fitting this rule means to anomalib's engine: it runs the fitting loop for ``ONE_CLASS`` (anomalib
+    #: has no learning type for training on labelled anomalies); the train split is checked to hold anomalies.
+    training_learning_type = LearningType.ONE_CLASS
+
+    @abstractmethod
+    def training_losses(
+        self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms of one step on images, binary masks (B, H, W) and labels (B,); ``loss`` is the total."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam on the learnable parameters only, with the release's settings."""
+        return torch.optim.Adam(self.model.learnable_parameters(), lr=self.learning_rate, betas=tuple(self.betas))
+
+    def on_fit_start(self) -> None:
+        """Refuse one-class train splits before any work is done."""
+        super().on_fit_start()
+        self._check_train_split()
+
+    def _check_train_split(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "train_data", None)
+        samples = getattr(dataset, "samples", None)
+        if samples is not None and "label_index" in samples and not (samples["label_index"] == 1).any():
+            msg = (
+                f"{self.method_name}: the train split has no anomalous samples (a one-class split). "
+                + ZERO_SHOT_PROTOCOL
+            )
+            raise ValueError(msg)
+
+    def _training_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.gt_mask is None:
+            msg = (
+                f"{self.method_name} learns from pixel masks, but the training batch has none. Use a dataset with "
+                "ground-truth masks for the anomalous samples. " + ZERO_SHOT_PROTOCOL
+            )
+            raise ValueError(msg)
+        masks = (batch.gt_mask.float() > 0.5).float()
+        masks = masks.squeeze(1) if masks.dim() == 4 else masks
+        return masks, batch.gt_label.long()
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One prompt-learning step on labelled images with masks (the method's :meth:`training_losses`)."""
+        del args, kwargs
+        self._check_finite_input(batch, "train")
+        masks, labels = self._training_targets(batch)
+        losses = self.training_losses(batch.image, masks, labels)
+        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
+        return losses
