@@ -57,7 +57,8 @@ CHECKPOINT_SUBCOMMANDS = frozenset({"fit", "validate", "test", "train", "predict
 _SPECIAL_CHECKPOINTS = frozenset({"best", "last", "hpc", "registry"})
 
 #: Settings taken from the checkpoint when not given, that may be given with another value.
-MAY_DIFFER = frozenset({"pretrained", "max_epochs"})
+# Test-time settings of few-shot references may differ too: the prompts do not depend on them.
+MAY_DIFFER = frozenset({"pretrained", "max_epochs", "k_shot", "few_shot_source", "reference_seed", "reference_weight"})
 
 #: Constructor arguments never taken from the checkpoint.
 NOT_FROM_CHECKPOINT = frozenset(

@@ -33,6 +33,7 @@ from anomalib_faprompt.logs import quiet_export
 from anomalib_faprompt.models.training_rules import ZERO_SHOT_PROTOCOL
 from anomalib_faprompt.prompt_weights import (
     NonFiniteValuesError,
+    check_checkpoint_method,
     check_finite,
     check_settings,
     clip_identity,
@@ -582,6 +583,7 @@ class PromptLifecycleMixin(ABC):
         super().on_load_checkpoint(checkpoint)
         learned = {key: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith("model.")}
         check_finite(learned, "(Lightning checkpoint)")
+        check_checkpoint_method(checkpoint, self.method_name, "(Lightning checkpoint)")  # even with the override
         if not self.allow_setting_mismatch:
             current = self.prompt_settings()
             recorded = checkpoint.get("prompt_settings") or hyper_parameter_settings(
