@@ -2,10 +2,11 @@
 
 from .loading import WeightsNotFoundError, build_clip, build_tokenizer, model_config
 from .text import PromptedTextEncoder, PromptTemplate
-from .vision import DPAMVisionEncoder
+from .vision import DPAMVisionEncoder, VisionFeatures
 
 __all__ = [
     "DPAMVisionEncoder",
+    "VisionFeatures",
     "PromptTemplate",
     "PromptedTextEncoder",
     "WeightsNotFoundError",
