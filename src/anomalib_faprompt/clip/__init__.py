@@ -6,9 +6,9 @@ from .vision import DPAMVisionEncoder, VisionFeatures
 
 __all__ = [
     "DPAMVisionEncoder",
-    "VisionFeatures",
     "PromptTemplate",
     "PromptedTextEncoder",
+    "VisionFeatures",
     "WeightsNotFoundError",
     "build_clip",
     "build_tokenizer",
