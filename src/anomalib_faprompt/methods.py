@@ -22,12 +22,12 @@ Each entry says:
   ``state_dict``); a method added later declares none, since every checkpoint it writes records its method,
   and an unrecorded checkpoint that matches no entry (or more than one) is refused.
 
-Adding a method (PromptAD, the next issue) takes its own package under ``models/`` and one entry here::
+Adding a method takes its own package under ``models/`` and one entry here, as PromptAD's::
 
     Method(
         name="PromptAD",
         lightning_class="anomalib_faprompt.models.promptad.PromptAD",
-        learning_types=(Learning.FEW_SHOT,),
+        learning_types=(Learning.FEW_SHOT_PROMPTS, Learning.FEW_SHOT),
         prompt_identity="PromptAD",
     ),
 
@@ -38,7 +38,7 @@ others', and the tests and benchmarks parametrised over :data:`METHODS` cover it
 Example:
     >>> from anomalib_faprompt.methods import METHODS, Learning
     >>> list(METHODS)
-    ['AnomalyCLIP', 'FAPrompt']
+    ['AnomalyCLIP', 'FAPrompt', 'PromptAD']
     >>> METHODS["FAPrompt"].prompt_identity
     'FAPrompt'
     >>> Learning.AUXILIARY in METHODS["AnomalyCLIP"].learning_types
@@ -60,7 +60,7 @@ class Learning(str, Enum):
     """What a method can learn from.
 
     anomalib's ``LearningType`` (``one_class``, ``zero_shot``, ``few_shot``) has no name for prompts learned on
-    labelled anomalies of *other* categories, so this list is ours; :attr:`anomalib_learning_type` gives the
+    labelled anomalies of *other* categories, nor for prompts learned from a few normal images, so this list is ours; :attr:`anomalib_learning_type` gives the
     ``LearningType`` a model reports while doing it (which decides whether anomalib's ``Engine`` runs ``fit``).
     """
 
@@ -69,8 +69,11 @@ class Learning(str, Enum):
     #: Learns its prompts on labelled anomalous images with masks of other categories (``AuxiliaryDataModule``),
     #: then scores unseen categories zero-shot.
     AUXILIARY = "auxiliary"
-    #: Uses k normal images of the target category (a visual memory of references, or prompts learned on them).
+    #: Uses k normal images of the target category as references (a visual memory), with learned prompts loaded.
     FEW_SHOT = "few_shot"
+    #: Learns its prompts from the k normal images of the target category, one category at a time (fitting runs on
+    #: the category's normal train split), and keeps them as its visual memory.
+    FEW_SHOT_PROMPTS = "few_shot_prompts"
 
     @property
     def anomalib_learning_type(self) -> Any:
@@ -86,6 +89,7 @@ class Learning(str, Enum):
             Learning.ZERO_SHOT: LearningType.ZERO_SHOT,
             Learning.AUXILIARY: LearningType.ONE_CLASS,
             Learning.FEW_SHOT: LearningType.FEW_SHOT,
+            Learning.FEW_SHOT_PROMPTS: LearningType.ONE_CLASS,
         }[self]
 
 
@@ -177,6 +181,12 @@ _ALL = (
         unrecorded_checkpoint=KeySignature(
             required=("normal_context", "abnormal_context", "prior.*"), optional=("deep_prompts.*", "prompts_ready")
         ),
+    ),
+    Method(
+        name="PromptAD",
+        lightning_class="anomalib_faprompt.models.promptad.PromptAD",
+        learning_types=(Learning.FEW_SHOT_PROMPTS, Learning.FEW_SHOT),
+        prompt_identity="PromptAD",
     ),
 )
 

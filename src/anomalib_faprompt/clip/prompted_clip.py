@@ -91,8 +91,10 @@ class PromptedCLIP(nn.Module):
         )
         smoothing = GaussianSmoothing(sigma, max_size=image_size)
         clip = build_clip(backbone, pretrained)
-        self.vision = DPAMVisionEncoder(clip.visual, dpam_layers)
+        self.vision = DPAMVisionEncoder(clip.visual, dpam_layers, global_ln_post=self.global_ln_post)
         self.text = PromptedTextEncoder(clip, backbone)
+        #: CLIP's learned ``logit_scale`` parameter as stored (not exponentiated); PromptAD multiplies by it.
+        self.logit_scale = float(clip.logit_scale)
         self.image_size = image_size
         self.feature_layers = feature_layers
         self.temperature = temperature
@@ -110,6 +112,9 @@ class PromptedCLIP(nn.Module):
         self.register_load_state_dict_pre_hook(_restore_frozen_weights)
         # Uniform module modes; the frozen CLIP has no dropout, so train/eval only switches the text cache.
         self.train()
+
+    #: Whether the global image feature goes through ``ln_post`` (CLIP's own embedding) before ``proj``.
+    global_ln_post: ClassVar[bool] = False
 
     #: Per learnable parameter name (``deep_prompts`` for every deep prompt), what each dimension is set by.
     prompt_dimensions: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -303,7 +308,7 @@ class PromptedCLIP(nn.Module):
         for name, parameter in own.items():
             theirs = state_dict[name]
             if theirs.shape != parameter.shape:
-                names = self.prompt_dimensions.get(name.split(".")[0], ())
+                names = self.prompt_dimensions.get(name, self.prompt_dimensions.get(name.split(".")[0], ()))
                 differing = [
                     f"{label}: {a} in the checkpoint, {b} here"
                     for label, a, b in zip(names, theirs.shape, parameter.shape, strict=False)

@@ -129,6 +129,8 @@ class PromptLifecycleMixin(ABC):
     model: PromptedCLIP
     method_name: ClassVar[str]
     training_learning_type: ClassVar[LearningType]
+    #: The settings the prompts depend on (recorded and compared, :meth:`prompt_settings`); a method adds its own.
+    prompt_setting_names: ClassVar[tuple[str, ...]] = PROMPT_SETTINGS
 
     def _init_prompts(
         self,
@@ -159,6 +161,8 @@ class PromptLifecycleMixin(ABC):
         self._clip_identity = clip_identity(self.hparams["backbone"], self.hparams["pretrained"])
         self._step_hooks: list[Any] = []
         self._initial_prompts: dict[str, torch.Tensor] | None = None
+        #: The settings the loaded prompt file records (``None`` without one, or when it records none).
+        self.loaded_prompt_settings: dict[str, Any] | None = None
         if prompt_weights is not None:
             loaded = load_prompt_weights(
                 self.model,
@@ -167,6 +171,7 @@ class PromptLifecycleMixin(ABC):
                 self.prompt_settings(),
                 allow_setting_mismatch=allow_setting_mismatch,
             )
+            self.loaded_prompt_settings = loaded.settings
             if not loaded.trained and not allow_untrained_prompts:
                 msg = (
                     f"'{prompt_weights}' holds untrained prompts (saved from a model that made no optimiser step, "
@@ -185,7 +190,7 @@ class PromptLifecycleMixin(ABC):
         return {
             "method": self.method_name,
             **self._clip_identity,
-            **hyper_parameter_settings(self.hparams, PROMPT_SETTINGS),
+            **hyper_parameter_settings(self.hparams, self.prompt_setting_names),
         }
 
     def _default_thresholds(self) -> None:
@@ -270,7 +275,11 @@ class PromptLifecycleMixin(ABC):
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """No sanity validation (prompts are untrained before the first step); ``max_epochs`` when set."""
-        arguments: dict[str, Any] = {"num_sanity_val_steps": 0}
+        arguments: dict[str, Any] = {
+            "num_sanity_val_steps": 0,
+            # What the training rule needs of the trainer (e.g. one step per epoch).
+            **getattr(self, "training_trainer_arguments", {}),
+        }
         if self.max_epochs is not None:
             arguments["max_epochs"] = self.max_epochs
         return arguments
@@ -323,13 +332,16 @@ class PromptLifecycleMixin(ABC):
         if self.k_shot and stage in {"validate", "test", "predict"}:
             self._collect_references()
 
-    def _collect_references(self) -> None:
-        """Fill the visual memory with ``k_shot`` normal images, pre-processed as test images.
+    def _collect_references(self) -> torch.Tensor | None:
+        """Fill the visual memory with ``k_shot`` normal images, pre-processed as test images; returns them.
 
         From ``few_shot_source`` (the first ``k_shot`` images of the folder, sorted by name) when given, otherwise
         sampled with ``reference_seed`` from the normal images of the datamodule's train split (the target's, for
         :class:`~anomalib_faprompt.data.AuxiliaryDataModule`), as anomalib's WinClip does. A memory that came
         with a checkpoint or prompt file is kept only when neither is available (predicting on a folder).
+
+        Returns:
+            The pre-processed references (k, 3, H, W), or ``None`` when the stored memory was kept.
 
         Raises:
             ValueError: If fewer than ``k_shot`` normal images are available, naming where they were looked for.
@@ -343,7 +355,7 @@ class PromptLifecycleMixin(ABC):
                     "(CLI: --model.few_shot_source), or use a datamodule with a train split."
                 )
                 raise ValueError(msg)
-            return
+            return None
         if len(images) < self.k_shot:
             msg = (
                 f"{self.method_name}: k_shot={self.k_shot} but {source} holds only {len(images)} normal image(s). "
@@ -361,6 +373,7 @@ class PromptLifecycleMixin(ABC):
             source,
             self.model.references.nbytes / 2**20,
         )
+        return batch
 
     def _reference_images(self) -> tuple[list[torch.Tensor] | None, str]:
         """Candidate normal images (un-pre-processed, in sampling order) and where they come from."""

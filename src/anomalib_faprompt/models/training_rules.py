@@ -6,6 +6,8 @@ saving, validity, references, scoring, export) is the same for every method and 
 
 - :class:`MaskSupervisedPromptLearning`: prompts learned on *anomalous* images with pixel masks, the
   zero-shot protocol's auxiliary training (AnomalyCLIP, FAPrompt).
+- :class:`NormalFewShotPromptLearning`: prompts learned on the k *normal* images of the target category that
+  also form the visual memory, one step per epoch on all of them (PromptAD).
 
 A method combines the lifecycle, one rule and anomalib's module, in that order, so that every hook
 runs through all of them (each calls ``super()``)::
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -92,4 +94,58 @@ class MaskSupervisedPromptLearning(ABC):
         masks, labels = self._training_targets(batch)
         losses = self.training_losses(batch.image, masks, labels)
         self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(labels))
+        return losses
+
+
+class NormalFewShotPromptLearning(ABC):
+    """Learn prompts from the ``k_shot`` normal reference images of the target category, one step per epoch.
+
+    At the start of a fit the references are sampled as for scoring (``few_shot_source``, or ``reference_seed``
+    over the normal images of the train split), fill the visual memory and are handed to :meth:`prepare_shots`
+    once: the CLIP is frozen, so their features do not change between steps and each step runs only what the
+    prompts touch. Every epoch is one optimiser step on all k shots together, as PromptAD's release trains
+    (its batch of 400 holds every shot). Lightning still drives the loop (epochs, schedule, precision, progress,
+    checkpoints) over the datamodule's train loader, limited to one batch per epoch; that batch only paces the
+    loop, the step itself uses the k shots.
+
+    The method provides :meth:`prepare_shots`, :meth:`few_shot_losses` and ``configure_optimizers``.
+    """
+
+    method_name: str
+    k_shot: int
+
+    #: Fitting runs anomalib's loop for ``ONE_CLASS`` data: the train split's normal images.
+    training_learning_type = LearningType.ONE_CLASS
+    #: One optimiser step per epoch (the step uses the k shots, not the loader's batch).
+    training_trainer_arguments: ClassVar[dict[str, Any]] = {"limit_train_batches": 1}
+
+    @abstractmethod
+    def prepare_shots(self, shots: torch.Tensor) -> None:
+        """Take the pre-processed shots (k, 3, H, W) before the first step (e.g. encode them once)."""
+
+    @abstractmethod
+    def few_shot_losses(self) -> dict[str, torch.Tensor]:
+        """Loss terms of one step on the prepared shots; ``loss`` is the total."""
+
+    def on_fit_start(self) -> None:
+        """Sample the k shots (they also fill the visual memory) and prepare them."""
+        super().on_fit_start()
+        shots = self._collect_references()
+        if shots is None:
+            msg = (
+                f"{self.method_name} learns its prompts from k_shot={self.k_shot} normal images, but the fit has no "
+                "train split to sample them from. Fit on a datamodule with normal training images, or pass "
+                "few_shot_source=/folder/of/normal/images (CLI: --model.few_shot_source)."
+            )
+            raise ValueError(msg)
+        if not bool(torch.isfinite(shots).all()):
+            msg = f"{self.method_name}: the {len(shots)} normal reference image(s) hold non-finite values."
+            raise ValueError(msg)
+        self.prepare_shots(shots)
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One step on all k shots (the loader's ``batch`` only paces the loop, see the class docstring)."""
+        del batch, args, kwargs
+        losses = self.few_shot_losses()
+        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=self.k_shot)
         return losses
