@@ -60,8 +60,9 @@ class Learning(str, Enum):
     """What a method can learn from.
 
     anomalib's ``LearningType`` (``one_class``, ``zero_shot``, ``few_shot``) has no name for prompts learned on
-    labelled anomalies of *other* categories, nor for prompts learned from a few normal images, so this list is ours; :attr:`anomalib_learning_type` gives the
-    ``LearningType`` a model reports while doing it (which decides whether anomalib's ``Engine`` runs ``fit``).
+    labelled anomalies of *other* categories, nor for prompts learned from a few normal images, so this list is
+    ours; :attr:`anomalib_learning_type` gives the ``LearningType`` a model reports while doing it (which decides
+    whether anomalib's ``Engine`` runs ``fit``).
     """
 
     #: Scores categories it never saw with prompts loaded from a file (``prompt_weights=...``), no training.

@@ -203,7 +203,9 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
         ``category`` they were trained for). ``save_prompt_weights`` then writes them in this package's format.
 
         Example:
-            >>> model = PromptAD.from_released("CLS-bottle-k4.pt", "SEG-bottle-k4.pt", category="bottle")  # doctest: +SKIP
+            >>> model = PromptAD.from_released(  # doctest: +SKIP
+            ...     "CLS-bottle-k4.pt", "SEG-bottle-k4.pt", category="bottle"
+            ... )
 
         Args:
             image_checkpoint: The image-level (``train_cls.py``) file.
