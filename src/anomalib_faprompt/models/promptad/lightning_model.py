@@ -297,7 +297,9 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
-        epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 100
+        # The fit's epochs (the trainer's, which max_epochs sets); max_epochs when used outside a trainer.
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        epochs = epochs if epochs and epochs > 0 else (self.max_epochs or 100)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.min_learning_rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 

@@ -144,6 +144,8 @@ class PromptHead(nn.Module):
         self.normal_context = nn.Parameter(torch.randn(n_pro, n_ctx, width) * 0.02)
         self.abnormal_context = nn.Parameter(torch.randn(n_pro_ab, n_ctx_ab, width) * 0.02)
         self.templates: nn.ModuleDict | None = None
+        #: The prompt texts of each template (placeholders ``N`` and ``A`` where the contexts go).
+        self.texts: dict[str, list[str]] = {}
         self.n_states = 0
 
     def build_templates(self, text: PromptedTextEncoder, name: str, states: Sequence[str]) -> None:
@@ -152,12 +154,16 @@ class PromptHead(nn.Module):
         n_ctx_ab = self.abnormal_context.shape[1]
         normal = " ".join(["N"] * n_ctx)
         abnormal = " ".join(["A"] * n_ctx_ab)
-        manual = [f"{normal} {state.format(name)}." for state in states for _ in range(n_pro)]
+        self.texts = {
+            "normal": [f"{normal} {name}."] * n_pro,
+            "manual": [f"{normal} {state.format(name)}." for state in states for _ in range(n_pro)],
+            "learned": [f"{normal} {abnormal} {name}."] * (n_pro * self.abnormal_context.shape[0]),
+        }
         self.templates = nn.ModuleDict(
             {
-                "normal": text.template(f"{normal} {name}.", n_ctx),
-                "manual": text.template(manual, n_ctx),
-                "learned": text.template(f"{normal} {abnormal} {name}.", n_ctx + n_ctx_ab),
+                "normal": text.template(self.texts["normal"][0], n_ctx),
+                "manual": text.template(self.texts["manual"], n_ctx),
+                "learned": text.template(self.texts["learned"][0], n_ctx + n_ctx_ab),
             }
         ).to(self.normal_context.device)
         self.n_states = len(states)
@@ -456,8 +462,13 @@ class PromptADModel(PromptedCLIP):
                 raise ValueError(msg + ". Construct the model with the release's backbone and settings.")
         if head.templates is not None:
             for key, template in (("normal_token_suffix", "normal"), ("abnormal_token_suffix_handle", "manual")):
-                ours = head.templates[template].suffix
-                if key in state and (state[key].shape != ours.shape or not torch.allclose(state[key], ours, atol=1e-4)):
+                ours, theirs = head.templates[template].suffix, state.get(key)
+                # The release keeps a row per prompt; a template here is one row when every prompt shares it.
+                if theirs is not None and (
+                    theirs.shape[1:] != ours.shape[1:]
+                    or ours.shape[0] not in {1, theirs.shape[0]}
+                    or not torch.allclose(theirs, ours.expand_as(theirs), atol=1e-4)
+                ):
                     msg = (
                         f"Released PromptAD prompts {source} were built for another object name, manual states or "
                         f"CLIP than this model's (category '{self.category}'): their {key} differs. Construct the "
