@@ -39,6 +39,28 @@ def small_clip() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def small_promptad() -> dict[str, Any]:
+    """Constructor settings of PromptAD on the small random CLIP of its fixture (ViT-B-16-plus-240's layout)."""
+    return {
+        "backbone": str(golden_path("clip_small_promptad.json")),
+        "pretrained": str(golden_path("clip_small_promptad_seed1.pt")),
+        "image_size": 240,
+        "category": "metal_nut",
+    }
+
+
+@pytest.fixture(scope="session")
+def method_settings(small_clip, small_promptad) -> dict[str, dict[str, Any]]:
+    """Per method of the method list, constructor settings of a small random CLIP (tests parametrised over it)."""
+    from anomalib_faprompt.methods import METHODS
+
+    settings = {"AnomalyCLIP": small_clip, "FAPrompt": small_clip, "PromptAD": small_promptad}
+    missing = set(METHODS) - set(settings)
+    assert not missing, f"give the small CLIP settings of {missing} here"
+    return settings
+
+
+@pytest.fixture(scope="session")
 def anomalyclip_golden() -> dict[str, Any]:
     return torch.load(golden_path("anomalyclip_seed0.pt"), weights_only=True)
 

@@ -24,10 +24,14 @@ from anomalib_faprompt.prompt_weights import (
 )
 
 METHOD_NAMES = list(METHODS)
+#: The methods whose authors released prompt checkpoints, and those whose old checkpoints recorded no method.
+RELEASED = [name for name in METHOD_NAMES if METHODS[name].released_prompts is not None]
+UNRECORDED = [name for name in METHOD_NAMES if METHODS[name].unrecorded_checkpoint is not None]
 
 
-def build(name: str, small_clip, **kwargs):
-    return METHODS[name].load()(**small_clip, allow_untrained_prompts=True, **kwargs)
+def build(name: str, method_settings, **kwargs):
+    """The method on its small random CLIP (``method_settings``, conftest)."""
+    return METHODS[name].load()(**method_settings[name], allow_untrained_prompts=True, **kwargs)
 
 
 def lightning_checkpoint(module, path: Path) -> Path:
@@ -76,21 +80,21 @@ def test_every_method_is_registered_and_resolvable(name):
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_get_model_builds_every_method(name, small_clip):
-    model = anomalib.models.get_model(name, **small_clip, allow_untrained_prompts=True)
+def test_get_model_builds_every_method(name, method_settings):
+    model = anomalib.models.get_model(name, **method_settings[name], allow_untrained_prompts=True)
     assert type(model) is METHODS[name].load()
     by_class_path = anomalib.models.get_model(
-        {"class_path": name, "init_args": {**small_clip, "allow_untrained_prompts": True}}
+        {"class_path": name, "init_args": {**method_settings[name], "allow_untrained_prompts": True}}
     )
     assert type(by_class_path) is METHODS[name].load()
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_learning_type_is_one_the_entry_declares(name, small_clip, released_prompts):
+def test_learning_type_is_one_the_entry_declares(name, method_settings, released_prompts):
     declared = {learning.anomalib_learning_type for learning in METHODS[name].learning_types}
-    assert build(name, small_clip).learning_type in declared  # learns its prompts on auxiliary data
+    assert build(name, method_settings).learning_type in declared  # learns its prompts on auxiliary data
     if METHODS[name].released_prompts is not None:
-        loaded = build(name, small_clip, prompt_weights=released_prompts[name])
+        loaded = build(name, method_settings, prompt_weights=released_prompts[name])
         assert loaded.learning_type in declared
         assert Learning.ZERO_SHOT in METHODS[name].learning_types
 
@@ -105,40 +109,40 @@ def test_unknown_method_names_the_known_ones():
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_prompt_file_of_another_method_is_refused_naming_both(name, small_clip, tmp_path):
-    source = build(name, small_clip)
+def test_prompt_file_of_another_method_is_refused_naming_both(name, method_settings, tmp_path):
+    source = build(name, method_settings)
     path = save_prompt_weights(source.model, tmp_path / "prompts.pt", source.method_name, {}, trained=False)
-    target = build(other(name), small_clip)
+    target = build(other(name), method_settings)
     with pytest.raises(ValueError, match=f"holds {name} prompts.*with {name}, not {other(name)}"):
         load_prompt_weights(target.model, path, target.method_name)
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
-def test_released_checkpoint_of_another_method_is_refused_naming_both(name, small_clip, released_prompts):
-    target = build(other(name), small_clip)
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_checkpoint_of_another_method_is_refused_naming_both(name, method_settings, released_prompts):
+    target = build(other(name), method_settings)
     expected = re.escape(f"{name} prompt checkpoint (the authors' released format); load it with {name}(prompt_weights")
     with pytest.raises(ValueError, match=rf"{expected}=\.\.\.\), not {other(name)}") as error:
         load_prompt_weights(target.model, released_prompts[name], target.method_name)
     assert str(released_prompts[name]) in str(error.value)
 
 
-def test_released_checkpoint_with_unknown_keys_is_refused(small_clip, released_prompts, tmp_path):
+def test_released_checkpoint_with_unknown_keys_is_refused(method_settings, released_prompts, tmp_path):
     content = torch.load(released_prompts["AnomalyCLIP"], weights_only=True)
     content["prompt_learner"]["visual_adapter.weight"] = torch.zeros(2, 2)
     path = tmp_path / "released.pth"
     torch.save(content, path)
-    target = build("AnomalyCLIP", small_clip)
+    target = build("AnomalyCLIP", method_settings)
     with pytest.raises(ValueError, match=r"keys match no method's released format.*visual_adapter\.weight"):
         load_prompt_weights(target.model, path, "AnomalyCLIP")
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_lightning_checkpoint_records_its_method_and_is_refused_by_another(name, small_clip, tmp_path):
-    path = lightning_checkpoint(build(name, small_clip), tmp_path / "model.ckpt")
+def test_lightning_checkpoint_records_its_method_and_is_refused_by_another(name, method_settings, tmp_path):
+    path = lightning_checkpoint(build(name, method_settings), tmp_path / "model.ckpt")
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["prompt_settings"]["method"] == METHODS[name].prompt_identity
     assert recorded_method(checkpoint) == name
-    target = build(other(name), small_clip)
+    target = build(other(name), method_settings)
     with pytest.raises(ValueError, match=f"{name} checkpoint; load it with {name}, not {other(name)}"):
         load_prompt_weights(target.model, path, target.method_name)
     target_class = METHODS[other(name)].load()
@@ -146,20 +150,20 @@ def test_lightning_checkpoint_records_its_method_and_is_refused_by_another(name,
         settings_from_checkpoint(target_class, {}, set(), checkpoint, path)
 
 
-def test_checkpoint_recording_an_unknown_method_is_refused_naming_it(small_clip, tmp_path):
-    path = lightning_checkpoint(build("AnomalyCLIP", small_clip), tmp_path / "model.ckpt")
+def test_checkpoint_recording_an_unknown_method_is_refused_naming_it(method_settings, tmp_path):
+    path = lightning_checkpoint(build("AnomalyCLIP", method_settings), tmp_path / "model.ckpt")
     checkpoint = torch.load(path, weights_only=False)
-    checkpoint["prompt_settings"]["method"] = "PromptAD"
+    checkpoint["prompt_settings"]["method"] = "NotAMethod"
     torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match="PromptAD checkpoint; load it with PromptAD, not AnomalyCLIP"):
-        load_prompt_weights(build("AnomalyCLIP", small_clip).model, path, "AnomalyCLIP")
+    with pytest.raises(ValueError, match="NotAMethod checkpoint; load it with NotAMethod, not AnomalyCLIP"):
+        load_prompt_weights(build("AnomalyCLIP", method_settings).model, path, "AnomalyCLIP")
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
-def test_unrecorded_checkpoint_is_recognised_by_its_declared_keys(name, small_clip, tmp_path):
+@pytest.mark.parametrize("name", UNRECORDED)
+def test_unrecorded_checkpoint_is_recognised_by_its_declared_keys(name, method_settings, tmp_path):
     """Checkpoints written before checkpoints recorded their method: the entry's ``unrecorded_checkpoint`` keys."""
     torch.manual_seed(1)
-    source = build(name, small_clip)
+    source = build(name, method_settings)
     path = lightning_checkpoint(source, tmp_path / "model.ckpt")
     checkpoint = torch.load(path, weights_only=False)
     del checkpoint["prompt_settings"]
@@ -168,7 +172,7 @@ def test_unrecorded_checkpoint_is_recognised_by_its_declared_keys(name, small_cl
     torch.save(checkpoint, path)
     assert recorded_method(checkpoint) == name
 
-    target = build(name, small_clip)
+    target = build(name, method_settings)
     load_prompt_weights(target.model, path, name)
     expected = {k: v for k, v in source.model.prompt_state_dict().items() if not k.endswith(".bank")}
     loaded = target.model.prompt_state_dict()
@@ -177,18 +181,18 @@ def test_unrecorded_checkpoint_is_recognised_by_its_declared_keys(name, small_cl
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match=f"{name} checkpoint; load it with {name}, not {other(name)}"):
-        load_prompt_weights(build(other(name), small_clip).model, path, other(name))
+        load_prompt_weights(build(other(name), method_settings).model, path, other(name))
 
 
-def test_unrecorded_checkpoint_matching_no_method_is_refused(small_clip, tmp_path):
-    path = lightning_checkpoint(build("AnomalyCLIP", small_clip), tmp_path / "model.ckpt")
+def test_unrecorded_checkpoint_matching_no_method_is_refused(method_settings, tmp_path):
+    path = lightning_checkpoint(build("AnomalyCLIP", method_settings), tmp_path / "model.ckpt")
     checkpoint = torch.load(path, weights_only=False)
     del checkpoint["prompt_settings"]
     checkpoint["state_dict"]["model.adapter.weight"] = torch.zeros(2, 2)
     torch.save(checkpoint, path)
     assert recorded_method(checkpoint) is None
     with pytest.raises(ValueError, match="records no method and its learned keys match no method's"):
-        load_prompt_weights(build("AnomalyCLIP", small_clip).model, path, "AnomalyCLIP")
+        load_prompt_weights(build("AnomalyCLIP", method_settings).model, path, "AnomalyCLIP")
 
 
 # Learned buffers -------------------------------------------------------------------------------------------------

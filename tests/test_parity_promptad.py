@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from anomalib_faprompt import PromptAD
-
 from conftest import GOLDEN, golden_path
 
 ATOL = 1e-4
@@ -213,7 +212,8 @@ def test_two_training_epochs_match_release(make_model, golden):
         lrs.append(schedule.get_last_lr()[0])
         schedule.optimizer.step()
         schedule.step()
-    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), train["image"]["lr_schedule"], atol=1e-12, rtol=0)
+    expected_schedule = train["image"]["lr_schedule"]
+    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), expected_schedule, atol=1e-12, rtol=0)
     model.eval()
     assert_scores_match(model, golden, "scores_after_train")
 
