@@ -1,4 +1,4 @@
-"""Speed and memory of AnomalyCLIP and FAPrompt, printed as JSON.
+"""Speed and memory of every method (AnomalyCLIP, FAPrompt, PromptAD), printed as JSON.
 
 Per method: FLOPs per image, inference latency and throughput per batch size, one training step
 (and the forward cost of the frozen vision encoder on the same batch), peak memory, and the
@@ -6,7 +6,9 @@ machine's measured matmul rate in the same run, so efficiency is a ratio measure
 
 Weights are random (``pretrained=None``): speed does not depend on them. FLOPs are counted with
 :class:`torch.utils.flop_counter.FlopCounterMode` on one image with the static text already cached
-(steady-state inference), attention counted through the math backend. Efficiency is
+(steady-state inference), attention counted through the math backend. Methods that score against k normal
+images (PromptAD) get ``--k-shot`` random references first; their training step is one step on those k
+shots (their features encoded once beforehand, as a fit does), the others' a step on a labelled batch. Efficiency is
 ``FLOPs/image × images/s ÷ measured matmul FLOP/s``, all from the same run. Peak memory is the
 allocator's peak on CUDA and the process's peak resident set size (sampled) on CPU, weights included.
 
@@ -41,12 +43,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_faprompt.methods import METHODS as METHOD_LIST
+from anomalib_faprompt.methods import Learning
+from anomalib_faprompt.models.training_rules import NormalFewShotPromptLearning
 
 #: Model settings per configuration (the paper's are ``large``).
 CONFIGS: dict[str, dict[str, Any]] = {
     "small": {"backbone": "ViT-B-16", "image_size": 224, "dpam_layers": 10, "feature_layers": (6, 12)},
     "large": {"backbone": "ViT-L-14-336", "image_size": 518, "dpam_layers": 19, "feature_layers": (6, 12, 18, 24)},
+    # PromptAD's released backbone and size (the others with the small config's layers).
+    "promptad": {"backbone": "ViT-B-16-plus-240", "image_size": 240, "dpam_layers": 10, "feature_layers": (6, 12)},
 }
+#: The category of methods whose prompts name the object (PromptAD's manual anomaly states).
+CATEGORY = "bottle"
 #: Every method of the package (``anomalib_faprompt.methods.METHODS``), by short name.
 METHODS = {name: method.load() for name, method in METHOD_LIST.items()}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -185,7 +193,7 @@ def build(method: str, config: dict[str, Any], device: torch.device) -> torch.nn
     Returns:
         The module, without pre/post-processing, on ``device``.
     """
-    settings = accepted_settings(METHODS[method], config)
+    settings = accepted_settings(METHODS[method], {**config, "category": CATEGORY})
     module = METHODS[method](
         **settings,
         pretrained=None,
@@ -224,6 +232,9 @@ def benchmark_method(
     def images(batch: int) -> torch.Tensor:
         return torch.randn(batch, 3, size, size, device=device)
 
+    shots = images(args.k_shot)
+    if Learning.FEW_SHOT_PROMPTS in METHOD_LIST[method].learning_types:
+        model.add_references(shots)  # it scores against the visual memory of k normal images
     model.eval()
     # Count with the math attention backend: the flop counter does not see every fused kernel (CPU's).
     with torch.no_grad(), autocast(), sdpa_kernel(SDPBackend.MATH):
@@ -259,19 +270,32 @@ def benchmark_method(
             "peak_memory_mb": peak.megabytes,
         }
 
-    batch = args.train_batch_size
-    batch_images = images(batch)
-    masks = torch.zeros(batch, size, size, device=device)
-    masks[: batch // 2, size // 4 : size // 2, size // 4 : size // 2] = 1
-    labels = (masks.flatten(1).amax(dim=1) > 0).long()
-    optimiser = module.configure_optimizers()
+    if isinstance(module, NormalFewShotPromptLearning):
+        batch, batch_images = args.k_shot, shots
+        module.prepare_shots(shots)  # a fit encodes the k shots once; each step runs the text side only
+
+        def losses() -> dict[str, torch.Tensor]:
+            return module.few_shot_losses()
+
+    else:
+        batch = args.train_batch_size
+        batch_images = images(batch)
+        masks = torch.zeros(batch, size, size, device=device)
+        masks[: batch // 2, size // 4 : size // 2, size // 4 : size // 2] = 1
+        labels = (masks.flatten(1).amax(dim=1) > 0).long()
+
+        def losses() -> dict[str, torch.Tensor]:
+            return module.training_losses(batch_images, masks, labels)
+
+    optimisers = module.configure_optimizers()
+    optimiser = optimisers["optimizer"] if isinstance(optimisers, dict) else optimisers
     model.train()
 
     def training_step() -> None:
         optimiser.zero_grad(set_to_none=True)
         with autocast():
-            losses = module.training_losses(batch_images, masks, labels)
-        losses["loss"].backward()
+            loss = losses()["loss"]
+        loss.backward()
         optimiser.step()
 
     with PeakMemory(device) as peak:
@@ -336,6 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1; large CPU 0)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision encoder")
+    parser.add_argument("--k-shot", type=int, default=4, help="normal references of few-shot methods (PromptAD)")
     parser.add_argument("--output", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     repeats, warmup, train_batch = TIMING_DEFAULTS.get((args.config, torch.device(args.device).type), DEFAULT_TIMING)
@@ -380,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "precision": args.precision,
             "pretrained": None,
             "compile": args.compile,
+            "k_shot": args.k_shot,
             "repeats": args.repeats,
             "warmup": args.warmup,
         },
