@@ -71,6 +71,11 @@ def faprompt_golden() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def promptad_golden() -> dict[str, Any]:
+    return torch.load(golden_path("promptad_seed1.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
 def released_prompts(tmp_path_factory: pytest.TempPathFactory, anomalyclip_golden, faprompt_golden) -> dict[str, Path]:
     """The fixtures' prompt checkpoints written as the released files (``{"prompt_learner": ...}``)."""
     folder = tmp_path_factory.mktemp("released")

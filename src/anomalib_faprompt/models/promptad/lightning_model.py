@@ -245,7 +245,7 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
         """Take the category from the datamodule when none was given; warn when it differs from the prompts'."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         datamodule = getattr(datamodule, "target", datamodule)  # AuxiliaryDataModule: the target
-        category = getattr(datamodule, "category", None)
+        category = getattr(datamodule, "category", None) or None  # anomalib's Folder has an empty one
         if self.model.category is None:
             if category is None:
                 msg = (
