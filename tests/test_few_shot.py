@@ -110,7 +110,7 @@ def test_few_shot_source_folder_and_bad_settings(small_clip, released_prompts, t
     model = make_model("AnomalyCLIP", small_clip, released_prompts, k_shot=2, few_shot_source=folder)
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(model)
-    model.setup("predict")
+    model._collect_references()  # what validate, test and predict run at their start
     assert model.model.references.bank.shape[1] == 2 * (224 // model.model.vision.patch_size) ** 2
     with pytest.raises(FileNotFoundError, match=r"few_shot_source '.*missing' does not exist"):
         make_model("FAPrompt", small_clip, released_prompts, k_shot=1, few_shot_source=tmp_path / "missing")

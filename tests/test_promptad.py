@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from anomalib.data import MVTecAD
+from anomalib.data import InferenceBatch, MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import Trainer
 from sklearn.metrics import roc_auc_score
@@ -297,3 +297,22 @@ def test_a_datamodule_without_category_asks_for_one(small_promptad, tiny_mvtec, 
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, max_epochs=1)
     with pytest.raises(ValueError, match=r"needs the category's name.*--model.category"):
         trainer.fit(model, datamodule=data)
+
+
+def test_predict_on_a_folder_from_a_checkpoint_uses_its_memory(fitted, tiny_mvtec, tmp_path):
+    """No train split to sample from: the checkpoint's memory scores (restored before prediction starts)."""
+    folder = tiny_mvtec / "widget" / "test" / "spot"
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False)
+    model = PromptAD.load_from_checkpoint(fitted["checkpoint"])
+    fresh = PromptAD(**{key: model.hparams[key] for key in ("backbone", "pretrained", "category")}, k_shot=K_SHOT)
+    predictions = engine.predict(fresh, ckpt_path=fitted["checkpoint"], data_path=folder)
+    scores = torch.cat([batch.pred_score for batch in predictions])
+    paths = [path for batch in predictions for path in batch.image_path]
+    from anomalib.data.utils import read_image
+
+    raw = torch.stack([read_image(path, as_tensor=True) for path in paths])
+    model = fitted["model"]
+    with torch.no_grad():
+        output = model.model(model.pre_processor.transform(raw))
+        expected = model.post_processor(InferenceBatch(pred_score=output.pred_score, anomaly_map=output.anomaly_map))
+    torch.testing.assert_close(scores, expected.pred_score, atol=1e-5, rtol=0)

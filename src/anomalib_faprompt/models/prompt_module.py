@@ -326,10 +326,13 @@ class PromptLifecycleMixin(ABC):
         super().prepare_data()
         check_masks_before_setup(getattr(self.trainer, "datamodule", None))
 
-    def setup(self, stage: str) -> None:
-        """Collect the ``k_shot`` normal references before scoring (validate, test, predict)."""
-        super().setup(stage)
-        if self.k_shot and stage in {"validate", "test", "predict"}:
+    def _references_before_scoring(self) -> None:
+        """Collect the ``k_shot`` normal references at the start of validate, test and predict.
+
+        Not in ``setup``: Lightning restores a ``ckpt_path`` after ``setup`` and before these hooks, and a
+        checkpoint's memory is what scores where no train split or source is available (a folder to predict).
+        """
+        if self.k_shot:
             self._collect_references()
 
     def _collect_references(self) -> torch.Tensor | None:
@@ -410,18 +413,21 @@ class PromptLifecycleMixin(ABC):
         super().on_validation_start()
         if self.trainer.state.fn != "fit":
             self._check_prompts_ready("validate")
+            self._references_before_scoring()
         validate_trainer_data(self.trainer, "validate")
 
     def on_test_start(self) -> None:
         """Testing needs usable prompts."""
         super().on_test_start()
         self._check_prompts_ready("test")
+        self._references_before_scoring()
         validate_trainer_data(self.trainer, "test")
 
     def on_predict_start(self) -> None:
         """Prediction needs usable prompts."""
         super().on_predict_start()
         self._check_prompts_ready("predict")
+        self._references_before_scoring()
         validate_trainer_data(self.trainer, "predict")
 
     def on_predict_end(self) -> None:
