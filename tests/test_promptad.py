@@ -345,3 +345,13 @@ def test_predict_on_a_folder_from_a_checkpoint_uses_its_memory(fitted, tiny_mvte
         output = model.model(model.pre_processor.transform(raw))
         expected = model.post_processor(InferenceBatch(pred_score=output.pred_score, anomaly_map=output.anomaly_map))
     torch.testing.assert_close(scores, expected.pred_score, atol=1e-5, rtol=0)
+
+
+def test_default_thresholds_before_calibration_cover_the_half_harmonic_range(small_promptad):
+    """Scores and maps lie in [0, 1/2]: uncalibrated, they are normalised over that range, labelled above 1/4."""
+    post_processor = PromptAD(**small_promptad).post_processor
+    assert post_processor.image_threshold.item() == post_processor.pixel_threshold.item() == 0.25
+    assert post_processor.image_max.item() == post_processor.pixel_max.item() == 0.5
+    scores = torch.tensor([0.1, 0.3])
+    normalised = post_processor(InferenceBatch(pred_score=scores, anomaly_map=torch.zeros(2, 4, 4)))
+    assert normalised.pred_label.tolist() == [False, True]

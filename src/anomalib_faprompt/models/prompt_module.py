@@ -196,21 +196,22 @@ class PromptLifecycleMixin(ABC):
     def _default_thresholds(self) -> None:
         """Give the post-processor the scale of the outputs until validation data calibrates it.
 
-        Scores are anomaly probabilities in [0, 1]; maps add one probability per feature layer, in
-        [0, L]. Without statistics anomalib's post-processor passes them through unthresholded (labels
-        and masks would be the raw values), as when predicting on a folder or exporting a model whose
-        prompts were loaded. With these ranges scores stay as they are, maps become the mean per-layer
-        probability, and both are labelled anomalous above 0.5. Validation replaces them (anomalib
-        validates a zero-shot model before testing it).
+        Scores lie in [0, s] and maps in [0, s · L] for L feature layers, with ``s`` the model's
+        ``output_scale`` (1 for anomaly probabilities; ½ for PromptAD's half harmonic means). Without
+        statistics anomalib's post-processor passes them through unthresholded (labels and masks would be the
+        raw values), as when predicting on a folder or exporting a model whose prompts were loaded. With these
+        ranges scores and maps are normalised to [0, 1] and labelled anomalous above half their range.
+        Validation replaces them (anomalib validates a zero-shot model before testing it).
         """
         post_processor = self.post_processor
         if not isinstance(post_processor, PostProcessor):
             return
-        map_scale = float(len(self.model.feature_layers))
+        score_scale = float(getattr(self.model, "output_scale", 1.0))
+        map_scale = score_scale * len(self.model.feature_layers)
         defaults = {
-            "_image_threshold": 0.5,
+            "_image_threshold": 0.5 * score_scale,
             "image_min": 0.0,
-            "image_max": 1.0,
+            "image_max": score_scale,
             "_pixel_threshold": 0.5 * map_scale,
             "pixel_min": 0.0,
             "pixel_max": map_scale,

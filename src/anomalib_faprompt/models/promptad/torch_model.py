@@ -213,6 +213,8 @@ class PromptADModel(PromptedCLIP):
     """
 
     global_ln_post = True
+    #: Scores and maps are half harmonic means of values in [0, 1]: they lie in [0, ½].
+    output_scale: ClassVar[float] = 0.5
     #: The text prototypes of a released inference checkpoint (:meth:`load_released`), when one was loaded: they
     #: replace the prompts' (a checkpoint of the release holds no prompts, only these and the galleries).
     learned_buffers: ClassVar[tuple[str, ...]] = ("released_prototypes",)
