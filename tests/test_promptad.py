@@ -7,6 +7,7 @@ fixture's recorded outputs, a model scoring one image at a time).
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -21,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from anomalib_faprompt import PromptAD
 from anomalib_faprompt.models.promptad.loss import PromptADLoss
 from anomalib_faprompt.prompt_weights import SettingsMismatchError
+from conftest import GOLDEN
 
 K_SHOT, EPOCHS, SEED = 2, 3, 7
 
@@ -226,17 +228,17 @@ def test_released_inference_checkpoints_score_as_the_release(promptad_golden, tm
         files.append(tmp_path / f"{run.upper()}-{settings['class_name']}.pt")
         torch.save(content, files[-1])
     backbone = tmp_path / "clip.json"
-    backbone.write_text(__import__("json").dumps(promptad_golden["open_clip_config"]))
-    model = PromptAD.from_released(
-        *files,
-        backbone=str(backbone),
-        pretrained=str(promptad_golden_weights(promptad_golden)),
-        image_size=settings["image_size"],
-        map_size=settings["out_size"],
-        sigma=float(settings["sigma"]),
-        memory_layers=[block + 2 for block in settings["memory_hook_blocks"]],
-        k_shot=settings["k_shot"],
-    ).eval()
+    backbone.write_text(json.dumps(promptad_golden["open_clip_config"]))
+    model_settings = {
+        "backbone": str(backbone),
+        "pretrained": str(GOLDEN / promptad_golden["clip_weights"]),
+        "image_size": settings["image_size"],
+        "map_size": settings["out_size"],
+        "sigma": float(settings["sigma"]),
+        "memory_layers": [block + 2 for block in settings["memory_hook_blocks"]],
+        "k_shot": settings["k_shot"],
+    }
+    model = PromptAD.from_released(*files, **model_settings).eval()
     with torch.no_grad():
         output = model.model(promptad_golden["inputs"]["test_images"])
     torch.testing.assert_close(
@@ -247,24 +249,9 @@ def test_released_inference_checkpoints_score_as_the_release(promptad_golden, tm
     )
     # Saved in this package's format and reloaded: the same scores.
     path = model.save_prompt_weights(tmp_path / "prompts.pt")
-    again = PromptAD(
-        backbone=str(backbone),
-        pretrained=str(promptad_golden_weights(promptad_golden)),
-        image_size=settings["image_size"],
-        map_size=settings["out_size"],
-        sigma=float(settings["sigma"]),
-        memory_layers=[block + 2 for block in settings["memory_hook_blocks"]],
-        prompt_weights=path,
-        k_shot=settings["k_shot"],
-    ).eval()
+    again = PromptAD(**model_settings, prompt_weights=path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again.model(promptad_golden["inputs"]["test_images"]).pred_score, output.pred_score)
-
-
-def promptad_golden_weights(golden):
-    from conftest import GOLDEN
-
-    return GOLDEN / golden["clip_weights"]
 
 
 # Errors ------------------------------------------------------------------------------------------------------------
