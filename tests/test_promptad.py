@@ -342,3 +342,32 @@ def test_default_thresholds_before_calibration_cover_the_half_harmonic_range(sma
     scores = torch.tensor([0.1, 0.3])
     normalised = post_processor(InferenceBatch(pred_score=scores, anomaly_map=torch.zeros(2, 4, 4)))
     assert normalised.pred_label.tolist() == [False, True]
+
+
+def test_cli_train_then_test_and_predict_with_only_model_and_ckpt_path(small_promptad, tiny_mvtec, tmp_path):
+    """``anomalib train --model PromptAD ... --model.k_shot 2``, then the checkpoint alone rebuilds the model."""
+    from anomalib.cli.cli import AnomalibCLI
+
+    data = ["--data", "MVTecAD", "--data.root", str(tiny_mvtec), "--data.category", "widget"]
+    data += ["--data.num_workers", "0", "--data.eval_batch_size", "4"]
+    model = ["--model", "PromptAD", "--model.backbone", small_promptad["backbone"]]
+    model += ["--model.pretrained", small_promptad["pretrained"], "--model.k_shot", "2", "--model.max_epochs", "2"]
+    common = ["--default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    trained = AnomalibCLI(["train", *model, *data, *common])
+    checkpoint = next(tmp_path.rglob("model.ckpt"))
+    assert (checkpoint.parent / "prompts.pt").is_file()
+    expected = {name: float(value) for name, value in trained.engine.trainer.callback_metrics.items()}
+    assert trained.model.hparams["category"] == "widget"
+
+    tested = AnomalibCLI(["test", "--model", "PromptAD", "--ckpt_path", str(checkpoint), *data, *common])
+    assert tested.model.hparams["k_shot"] == 2 and tested.model.hparams["category"] == "widget"
+    metrics = {name: float(value) for name, value in tested.engine.trainer.callback_metrics.items()}
+    for name in ("image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO"):
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-6), name
+
+    folder = tiny_mvtec / "widget" / "test" / "spot"
+    output = tmp_path / "predicted"
+    AnomalibCLI(["predict", "--model", "PromptAD", "--ckpt_path", str(checkpoint), "--data", str(folder),
+                 "--default_root_dir", str(output)])  # fmt: skip
+    written = sorted(path.name for path in output.rglob("*.png") if "images" in path.parts)
+    assert written == sorted(path.name for path in folder.glob("*.png"))
