@@ -135,6 +135,27 @@ def test_zero_shot_progress_bars_name_model_dataset_and_category(zero_shot_log):
 
 
 @pytest.mark.slow
+def test_zero_shot_baseline_bars_are_named_and_its_test_after_fit_has_no_override_note(synthetic_root):
+    """A one-class baseline of the protocol (PatchCore, fitted then tested on each target category) runs on the
+    pipeline's engines too: its bars say what they run, and its own callbacks of the fit are replaced silently."""
+    folder = synthetic_root.parent
+    dataset = {"class_path": "MVTecAD", "init_args": {"root": str(synthetic_root)}}
+    patchcore = {"backbone": "resnet18", "pre_trained": False, "layers": ["layer2", "layer3"]}
+    config = {
+        "seed": 0, "accelerator": "cpu", "eval_batch_size": 4, "num_workers": 0,
+        "results_dir": str(folder / "baseline_results"),
+        "auxiliary": {"dataset": dataset, "categories": ["stripes"]},
+        "targets": [{"dataset": dataset, "categories": ["disc"]}],
+        "models": [{"class_path": "Patchcore", "init_args": patchcore}],
+    }  # fmt: skip
+    (folder / "baseline.yaml").write_text(yaml.safe_dump(config))
+    output = run_console([ANOMALIB, "zero_shot", "--config", "baseline.yaml"], cwd=folder)
+    assert "will override existing callbacks" not in output, output
+    descriptions = [bar.split("━")[0].strip() for bar in progress_bars(output) if "━" in bar]
+    assert descriptions == ["Patchcore · MVTecAD/disc · Epoch 0/0", "Patchcore · MVTecAD/disc · Testing"], output
+
+
+@pytest.mark.slow
 def test_export_logs_a_handful_of_lines_naming_the_file(small_clip, released_prompts, tmp_path):
     command = [
         ANOMALIB, "export", "--model", "FAPrompt", *small_clip_flags(small_clip),

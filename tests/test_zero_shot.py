@@ -188,6 +188,32 @@ def test_heat_map_panels_are_titled_and_none_repeats_another(method, present, ti
     assert method.configure_visualizer().panel_titles(item) == titles
 
 
+@pytest.mark.parametrize("field_size", [(256, 256), (128, 128)])
+def test_heat_map_titles_end_inside_their_panel(field_size):
+    """No title runs past its panel's right edge (anomalib's 256 px default cut "Image + Anomaly Map" to "...Ma").
+
+    Every panel is one flat colour (white image, white masks, a constant anomaly map); a title darkens the band at
+    the top of its panel with its background box. The last columns of that band must keep the panel's colour.
+    """
+    from anomalib_faprompt.visualization import HeatMapVisualizer
+
+    height, width = field_size[1], field_size[0]
+    ones = torch.ones(64, 64, dtype=torch.bool)
+    item = ImageItem(image=torch.ones(3, 64, 64), anomaly_map=torch.full((64, 64), 0.5), gt_mask=ones, pred_mask=ones)
+    visualizer = HeatMapVisualizer(field_size=field_size)
+    drawn = np.asarray(visualizer.visualize(item)).astype(int)
+    untitled = HeatMapVisualizer(field_size=field_size)
+    untitled.text_config["enable"] = False
+    plain = np.asarray(untitled.visualize(item)).astype(int)
+    titles = visualizer.panel_titles(item)
+    assert drawn.shape == (height, width * len(titles), 3)
+    for index, title in enumerate(titles):
+        panel, flat = drawn[:, width * index : width * (index + 1)], plain[:, width * index : width * (index + 1)]
+        assert (panel[: height // 4] != flat[: height // 4]).any(), f"{title!r} is not drawn"
+        edge = slice(width - 4, width)
+        assert np.array_equal(panel[: height // 4, edge], flat[: height // 4, edge]), f"{title!r} reaches the edge"
+
+
 def test_a_notice_strip_goes_below_the_panels():
     from anomalib_faprompt.visualization import NOTICE_HEIGHT, HeatMapVisualizer
 

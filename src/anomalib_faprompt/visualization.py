@@ -4,7 +4,8 @@ Anomalib's ``ImageVisualizer`` draws its ``fields`` side by side, then each ``(b
 ``overlay_fields``; an overlay whose fields the item lacks (a predicted mask from a model without
 post-processor, a ground truth when predicting on a folder) comes out as an untitled copy of its base.
 :class:`HeatMapVisualizer` draws only what the item holds: Image, Gt Mask, Pred Mask (black and white,
-so an empty prediction is visibly empty), then the image with the anomaly map over it, each titled.
+so an empty prediction is visibly empty), then the image with the anomaly map over it, each titled, every title
+ending inside its panel (:func:`fitting_font_size`).
 Below the panels it names untrained weights (:func:`untrained_weights_notice`), so a figure from the
 random small CLIP says so.
 
@@ -26,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from anomalib.utils.path import convert_to_title_case, generate_output_filename
 from anomalib.visualization.image import ImageVisualizer
-from anomalib.visualization.image.functional import add_text_to_image
+from anomalib.visualization.image.functional import add_text_to_image, dynamic_font_size
 from anomalib.visualization.image.item_visualizer import visualize_image_item
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
     from anomalib.data import ImageBatch, ImageItem, NumpyImageBatch, NumpyImageItem
@@ -42,6 +43,41 @@ HEAT_MAP_OVERLAYS = (("image", ("anomaly_map",)),)
 
 #: Height in pixels of the strip that carries a notice below the panels.
 NOTICE_HEIGHT = 28
+
+#: Smallest font size a title is shrunk to so that it ends inside its panel.
+MIN_TITLE_SIZE = 8
+
+
+def fitting_font_size(titles: list[str], field_size: tuple[int, int], text_config: dict[str, Any]) -> int:
+    """The font size at which every title, drawn as anomalib draws it, ends inside a panel of ``field_size``.
+
+    anomalib sizes titles by the panel (:func:`~anomalib.visualization.image.functional.dynamic_font_size`, at
+    least 20 px), so at its default 256 px "Image + Anomaly Map" runs past the panel's right edge and is cut. Here
+    the size starts there and shrinks (not below :data:`MIN_TITLE_SIZE`) until the longest title's background
+    box ends as far from the right edge as it starts from the left one. A ``size`` set in ``text_config`` is kept.
+
+    Example:
+        >>> fitting_font_size(["Image + Anomaly Map"], (256, 256), {})
+        22
+    """
+    if text_config.get("size") is not None:
+        return text_config["size"]
+    position, padding = text_config.get("position", (10, 10)), text_config.get("padding", 3)
+    font_file = text_config.get("font")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    size = dynamic_font_size(field_size)
+    while size > MIN_TITLE_SIZE:
+        try:
+            font = ImageFont.truetype(font_file, size) if font_file else ImageFont.load_default(size=size)
+        except OSError:  # as anomalib: a font that does not load falls back to the default one
+            font = ImageFont.load_default(size=size)
+        # the background box keeps the same margin to the right edge as to the left one
+        if all(draw.textbbox(position, title, font=font)[2] + padding <= field_size[0] - (position[0] - padding)
+               for title in titles):  # fmt: skip
+            break
+        size -= 1
+    return size
+
 
 #: CLIP weights files known to hold random, untrained weights, by their :func:`~anomalib_faprompt.prompt_weights.
 #: clip_identity` (size and hash of the first and last MiB, so a copy or a renamed file is recognised and any other
@@ -133,6 +169,9 @@ class HeatMapVisualizer(ImageVisualizer):
         fields, overlays = self.panels(item)
         if not fields and not overlays:
             return None
+        text_config = dict(self.text_config)
+        if text_config.get("enable", True):
+            text_config["size"] = fitting_font_size(self.panel_titles(item), self.field_size, text_config)
         image = visualize_image_item(
             item,
             fields=fields,
@@ -140,7 +179,7 @@ class HeatMapVisualizer(ImageVisualizer):
             field_size=self.field_size,
             fields_config=self.fields_config,
             overlay_fields_config=self.overlay_fields_config,
-            text_config=self.text_config,
+            text_config=text_config,
         )
         notice = self.notice if self.notice is not None else notice
         if image is None or not notice:

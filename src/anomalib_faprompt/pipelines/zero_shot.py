@@ -101,6 +101,7 @@ from anomalib.pipelines.components.base import Pipeline, Runner
 from lightning.pytorch import seed_everything
 from matplotlib.figure import Figure
 
+from anomalib_faprompt.callbacks import RunProgressBar
 from anomalib_faprompt.components.metrics import PAPER_METRICS, paper_evaluator
 from anomalib_faprompt.data import AuxiliaryDataModule, SyntheticAD
 from anomalib_faprompt.models.prompt_module import PromptLearningMixin
@@ -226,15 +227,36 @@ class DatasetSpec:
 
 
 class FolderEngine(Engine):
-    """Anomalib's Engine writing into ``default_root_dir`` itself.
+    """Anomalib's Engine writing into ``default_root_dir`` itself, with progress bars that say what they run.
 
     The Engine nests its outputs under ``<default_root_dir>/<Model>/<Dataset>/<category>/v<N>`` (with a ``latest``
     link) on every fit and test. The pipeline names its folders itself, and rewrites one only when its row is
     recomputed, so versions would only nest; like anomalib's tiled-ensemble engine, this one skips that step.
+
+    Its trainer shows a :class:`~anomalib_faprompt.callbacks.RunProgressBar` (``Patchcore · MVTecAD/disc ·
+    Testing``) for every model, baselines included (the prompt models put one in place of Lightning's default bar
+    themselves), unless ``callbacks`` are given.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("callbacks") is None:
+            kwargs["callbacks"] = [RunProgressBar()]
+        super().__init__(*args, **kwargs)
 
     def _setup_workspace(self, *args: Any, **kwargs: Any) -> None:
         del args, kwargs
+
+    def test_after_fit(self, model: AnomalibModule, datamodule: AnomalibDataModule) -> list[dict[str, float]]:
+        """Test ``model`` on the trainer that fitted it, without Lightning's note about its own callbacks.
+
+        The fit attached the model's components (pre-processor, evaluator, visualiser); the test attaches the same
+        objects again, and Lightning would say that they "will override existing callbacks passed to Trainer",
+        a note meant for callbacks the user passed. They are taken out of the trainer's list first.
+        """
+        own = model.configure_callbacks()
+        own_ids = {id(callback) for callback in (own if isinstance(own, list | tuple) else [own])}
+        self.trainer.callbacks = [callback for callback in self.trainer.callbacks if id(callback) not in own_ids]
+        return self.test(model, datamodule=datamodule, verbose=False)
 
 
 # Models -------------------------------------------------------------------------------------------------------------
@@ -556,7 +578,9 @@ class _ModelRun:
         engine = FolderEngine(default_root_dir=self.folder / target.name / category, **self.engine_args)
         if evaluated.learning_type == LearningType.ONE_CLASS:
             engine.fit(evaluated, datamodule=datamodule)
-        metrics = engine.test(evaluated, datamodule=datamodule, verbose=False)[0]
+            metrics = engine.test_after_fit(evaluated, datamodule)[0]
+        else:
+            metrics = engine.test(evaluated, datamodule=datamodule, verbose=False)[0]
         return {name: float(metrics[name]) for name in METRICS}
 
 
