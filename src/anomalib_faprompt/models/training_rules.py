@@ -147,5 +147,8 @@ class NormalFewShotPromptLearning(ABC):
         """One step on all k shots (the loader's ``batch`` only paces the loop, see the class docstring)."""
         del batch, args, kwargs
         losses = self.few_shot_losses()
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=self.k_shot)
+        # The total in the progress bar; each term to the loggers only (a bar of 80 columns has no room for seven).
+        self.log("train_loss", losses["loss"], prog_bar=True, batch_size=self.k_shot)
+        terms = {f"train_{name}": value for name, value in losses.items() if name != "loss"}
+        self.log_dict(terms, batch_size=self.k_shot)
         return losses
