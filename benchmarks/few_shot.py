@@ -1,0 +1,115 @@
+"""Cost of few-shot references: visual-memory size and scoring latency per k, printed as JSON.
+
+Per method and k (normal reference images): the bytes of the visual memory (``layers × k × patches × width × 4``
+in fp32, so linear in k), the seconds to add references (one vision forward per image), and the median latency
+of scoring one image (batch 1), reported also as a ratio to k = 0 measured in the same run, with the process's
+peak memory. One model per method is reused: the memory grows by adding the next references (the first k of
+one draw), so reference features cost one forward per image in all, not per k.
+
+Weights and prompts are random (``pretrained=None``; cost does not depend on them), as in ``benchmark.py``,
+whose configurations (``small``, ``large`` = ViT-L-14-336 at 518, the papers' setting) and timing helpers are
+reused.
+
+Examples:
+    python benchmarks/few_shot.py --config small                      # ViT-B-16 at 224, ~1 min
+    python benchmarks/few_shot.py --config large --ks 0 1 2 4 8       # ViT-L-14-336 at 518 (~7 s/image on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+from benchmark import CONFIGS, METHODS, PeakMemory, build, machine, timed
+
+
+def benchmark_references(method: str, config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Memory bytes, reference cost and latency per k of one method (latency ratios to k = 0).
+
+    Args:
+        method: A method's short name (a key of ``benchmark.METHODS``).
+        config: One of ``benchmark.CONFIGS``.
+        args: Parsed command line (``ks``, ``repeats``, ``device``).
+
+    Returns:
+        The method's entry of the JSON report.
+    """
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build(method, config, device).model.eval()
+    size = config["image_size"]
+    image = torch.randn(1, 3, size, size, device=device)
+    references = torch.randn(max(args.ks), 3, size, size, device=device)
+    with torch.no_grad():
+        model(image)  # caches the static text, encoded once at inference, not per image
+    per_k, stored = {}, 0
+    for k in sorted(args.ks):
+        start = time.perf_counter()
+        for index in range(stored, k):  # the next references of the draw, one forward each
+            model.add_references(references[index : index + 1])
+        add_seconds, stored = time.perf_counter() - start, k
+        with torch.no_grad(), PeakMemory(device) as peak:
+            seconds = timed(lambda: model(image), device, args.repeats, warmup=0)
+        per_k[k] = {
+            "memory_bytes": model.references.nbytes,
+            "seconds_per_image": seconds,
+            "add_references_seconds": add_seconds,
+            "peak_memory_mb": peak.megabytes,
+        }
+    base = per_k[min(per_k)]["seconds_per_image"]
+    for figures in per_k.values():
+        figures["latency_over_k0"] = figures["seconds_per_image"] / base
+    layers, entries, width = model.references.bank.shape
+    return {
+        "method": method,
+        "memory_layout": {"layers": layers, "patches_per_image": entries // stored, "width": width, "dtype": "fp32"},
+        "bytes_per_reference": model.references.nbytes // stored,
+        "per_k": {f"k_{k}": figures for k, figures in per_k.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the few-shot benchmark and print its JSON report.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The report.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="large")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
+    parser.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4, 8], help="reference counts (0 first)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed images per k, median (batch 1)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
+    args = parser.parse_args(argv)
+    if 0 not in args.ks or max(args.ks) < 1:
+        parser.error("--ks must include 0 and a k >= 1: latency is reported as a ratio to k = 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = CONFIGS[args.config]
+    started = time.perf_counter()
+    report = {
+        "machine": machine(device),
+        "config": {"name": args.config, **config, "precision": "fp32", "pretrained": None, "batch_size": 1}
+        | {"repeats": args.repeats, "ks": sorted(args.ks)},
+        "results": [benchmark_references(method, config, args) for method in args.methods],
+    }
+    report["wall_seconds"] = time.perf_counter() - started
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as file:
+            file.write(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
