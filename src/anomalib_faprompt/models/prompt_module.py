@@ -355,12 +355,15 @@ class PromptLifecycleMixin(ABC):
                 f"Lower k_shot to at most {len(images)} or add normal images."
             )
             raise ValueError(msg)
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
         images = images[: self.k_shot]
+        files = [str(item.image_path) for item in images]
+        if files == self.reference_files and not self.model.references.is_empty:
+            return  # already in the memory: Engine.test validates, then tests, each stage setting up
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
         batch = torch.stack([transform(item.image) if transform is not None else item.image for item in images])
         self.model.references.reset()
         self.model.add_references(batch.to(self.device))
-        self.reference_files = [str(item.image_path) for item in images]
+        self.reference_files = files
         logger.info(
             "%s: %d normal reference image(s) from %s in the visual memory (%.1f MB)",
             self.method_name,

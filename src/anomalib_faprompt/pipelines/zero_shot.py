@@ -22,6 +22,7 @@ The results tree, one level per model, settings, dataset and category::
             <dataset>/<category>/                   e.g. SyntheticAD/disc/: the datamodule's name
                 images/<defect>/<image>.png         heat-maps
                 weights/lightning/model.ckpt        the tested model (thresholds; a baseline's fit)
+                k<k>_s<sampling>/                   few-shot protocol (k > 0): images/, weights/ of that shot
 
 Anomalib's Engine would nest ``<Model>/<Dataset>/<category>/v<N>`` (and a ``latest`` link) inside each folder
 on every fit and test; the pipeline's :class:`FolderEngine` writes into the folder itself, as a folder is only
@@ -43,6 +44,11 @@ the numbers: ``num_workers``, ``results_dir``, ``accelerator``, the models' ``vi
 sizes (only the top-level ``train_batch_size`` trains). Not detected either: changes to the files
 under a dataset's root or to the code; use a new ``results_dir`` after those.
 
+Few-shot protocol: ``k_shot: [0, 1, 2, 4]`` and ``samplings: 5`` add rows per k > 0 and sampling, each with
+its own row file (``rows/<dataset>_<category>-k<k>-s<sampling>-<fingerprint>.json``, whose fingerprint adds k,
+the reference seed and the reference files), and the table gives mean ± std over the samplings; see
+:mod:`~anomalib_faprompt.pipelines.few_shot`. Without them (or with ``k_shot: [0]``) rows and table are the above.
+
 Two variants of one model (e.g. AnomalyCLIP with ``feature_layers: [6, 12, 18, 24]`` and ``[24]``)
 are named in the table by the init args that differ, e.g. ``AnomalyCLIP[feature_layers=24]``; a model
 listed twice with the same effective settings is refused.
@@ -62,6 +68,8 @@ Config (YAML)::
     eval_batch_size: 8
     num_workers: 4
     results_dir: results/zero_shot
+    k_shot: [0, 1, 2, 4]                   # optional, the few-shot protocol (default [0])
+    samplings: 5                           # optional, draws of the references per k > 0 (default 1)
     auxiliary:
       dataset: {class_path: MVTecAD, init_args: {root: ./datasets/MVTecAD}}
       categories: [bottle, cable]          # or "all"
@@ -625,7 +633,8 @@ class _ModelRun:
         evaluated.evaluator = paper_evaluator()
         if evaluated.visualizer is not None:  # a fresh one: a visualiser keeps the folder of its first run
             evaluated.visualizer = HeatMapVisualizer(notice=self.variant.notice)
-        engine = FolderEngine(default_root_dir=self.folder / target.name / category, **self.engine_args)
+        folder = self.folder / target.name / category / (f"k{shot.k}_s{shot.sampling}" if shot.k else "")
+        engine = FolderEngine(default_root_dir=folder, **self.engine_args)
         if evaluated.learning_type == LearningType.ONE_CLASS or self.variant.learns_from_normals:
             engine.fit(evaluated, datamodule=datamodule)
         metrics = engine.test(evaluated, datamodule=datamodule, verbose=False)[0]
