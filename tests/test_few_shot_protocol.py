@@ -235,3 +235,36 @@ def test_the_shots_draw_with_the_config_seed_plus_the_sampling():
         Shot(0, 0, None), Shot(4, 0, 7), Shot(4, 1, 8), Shot(4, 2, 9)
     ]  # fmt: skip
     assert plan_shots({"seed": 7}) == [Shot(0, 0, None)]
+
+
+@pytest.mark.slow
+def test_winclip_gets_k_shot_and_the_same_reference_images(root, tiny_clip, tmp_path, monkeypatch):
+    """anomalib's WinClip few-shot, its OpenCLIP backbone with random weights (it would download them otherwise)."""
+    from anomalib.models import WinClip
+    from anomalib.models.image.winclip import torch_model
+
+    monkeypatch.setattr(torch_model, "PRETRAINED", None)
+    memory, winclip = [], []
+    collect, collect_winclip = PromptLifecycleMixin._collect_references, WinClip.collect_reference_images
+
+    def spy_collect(self):
+        collect(self)
+        memory.append(list(self.reference_files))
+
+    def spy_winclip(self, dataloader):
+        images = collect_winclip(self, dataloader)
+        winclip.append((self.k_shot, len(images), list(self.trainer.datamodule.train_data.samples.image_path)))
+        return images
+
+    monkeypatch.setattr(PromptLifecycleMixin, "_collect_references", spy_collect)
+    monkeypatch.setattr(WinClip, "collect_reference_images", spy_winclip)
+    config = few_shot_config(root, tmp_path / "results", tiny_clip, models=("FAPrompt",), k_shot=[2], samplings=1)
+    config["models"].append({"class_path": "WinClip"})
+
+    table = ZeroShot().run_config(config)
+
+    assert set(table.model) == {"FAPrompt", "WinClip"} and set(table.k) == {2}
+    assert table.image_AUROC.between(0, 1).all()
+    [(k_shot, collected, files)] = winclip  # references are collected once: WinClip sets up once
+    assert (k_shot, collected) == (2, 2)
+    assert sorted(files) == sorted(memory[0])
