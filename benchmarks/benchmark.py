@@ -356,6 +356,16 @@ def machine(device: torch.device) -> dict[str, Any]:
     }
 
 
+def emit(report: dict[str, Any], output: str | None) -> dict[str, Any]:
+    """Print the JSON report, also write it to ``output`` if given; returns it."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        with open(output, "w") as file:
+            file.write(text + "\n")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print its JSON report.
 
@@ -390,12 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": [benchmark_method(method, config, args, device, rate) for method in args.methods],
     }
     report["wall_seconds"] = time.perf_counter() - started
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as file:
-            file.write(text + "\n")
-    return report
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import torch
-from benchmark import CONFIGS, METHODS, PeakMemory, build, machine, timed
+from benchmark import CONFIGS, METHODS, PeakMemory, build, emit, machine, timed
 
 
 def benchmark_references(method: str, config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -103,12 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": [benchmark_references(method, config, args) for method in args.methods],
     }
     report["wall_seconds"] = time.perf_counter() - started
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as file:
-            file.write(text + "\n")
-    return report
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":
