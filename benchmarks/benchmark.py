@@ -370,6 +370,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on: device, CPU threads, torch and Python versions, how memory is read."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "memory": "CUDA allocator peak" if device.type == "cuda" else "process peak RSS (sampled)",
+    }
+
+
+def emit(report: dict[str, Any], output: str | None) -> dict[str, Any]:
+    """Print the JSON report, also write it to ``output`` if given; returns it."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        with open(output, "w") as file:
+            file.write(text + "\n")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print its JSON report.
 
@@ -391,14 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rate = matmul_gflops(device, DTYPES[args.precision] if device.type == "cuda" else torch.float32)
     started = time.perf_counter()
     report = {
-        "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "matmul_gflops": rate,
-            "memory": "CUDA allocator peak" if device.type == "cuda" else "process peak RSS (sampled)",
-        },
+        "machine": machine(device) | {"matmul_gflops": rate},
         "config": {
             "name": args.config,
             **config,
@@ -412,12 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": [benchmark_method(method, config, args, device, rate) for method in args.methods],
     }
     report["wall_seconds"] = time.perf_counter() - started
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as file:
-            file.write(text + "\n")
-    return report
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -60,3 +61,30 @@ def test_export_benchmark_reports_parity_and_latency_of_every_backend():
         assert entry["speedup_vs_torch"][backend] == pytest.approx(
             entry["seconds_per_image"]["torch"] / entry["seconds_per_image"][backend]
         )
+
+
+@pytest.mark.slow
+def test_few_shot_benchmark_reports_linear_memory_and_latency_ratios():
+    """ViT-B/16 at 224: memory bytes equal layers × k × patches × embedding width × 4, latency as ratios to k = 0."""
+    import open_clip
+
+    command = [sys.executable, str(SCRIPT.with_name("few_shot.py")), "--config", "small", "--ks", "0", "1", "2",
+               "--repeats", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    width = open_clip.get_model_config("ViT-B-16")["embed_dim"]
+    assert {entry["method"] for entry in report["results"]} == set(METHODS)
+    for entry in report["results"]:
+        # The small config's feature_layers (6, 12) where the method takes them, else its last layer.
+        layers = 2 if "feature_layers" in inspect.signature(METHODS[entry["method"]].load()).parameters else 1
+        per_k = entry["per_k"]
+        for k in (0, 1, 2):
+            figures = per_k[f"k_{k}"]
+            assert figures["memory_bytes"] == layers * k * (224 // 16) ** 2 * width * 4
+            assert figures["latency_over_k0"] == pytest.approx(
+                figures["seconds_per_image"] / per_k["k_0"]["seconds_per_image"]
+            )
+        assert entry["bytes_per_reference"] == per_k["k_1"]["memory_bytes"]
+        assert entry["add_reference_seconds"] > 0
+        assert all(per_k[f"k_{k}"]["seconds_per_image_runs"] for k in (0, 1, 2))

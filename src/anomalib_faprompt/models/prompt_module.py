@@ -28,6 +28,7 @@ from anomalib_faprompt.callbacks import MODEL_CREATED, hand_over_callbacks
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.clip.settings import check_int
 from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics
+from anomalib_faprompt.data.references import sample_normal_references
 from anomalib_faprompt.data.validation import check_masks_before_setup, validate_trainer_data
 from anomalib_faprompt.logs import quiet_export
 from anomalib_faprompt.models.training_rules import ZERO_SHOT_PROTOCOL
@@ -158,6 +159,8 @@ class PromptLifecycleMixin(ABC):
         self.k_shot, self.few_shot_source, self.reference_seed = check_references(
             k_shot, few_shot_source, reference_seed
         )
+        #: The image files of the references in the visual memory, once collected (in sampling order).
+        self.reference_files: list[str] = []
         self._clip_identity = clip_identity(self.hparams["backbone"], self.hparams["pretrained"])
         self._step_hooks: list[Any] = []
         self._initial_prompts: dict[str, torch.Tensor] | None = None
@@ -341,8 +344,10 @@ class PromptLifecycleMixin(ABC):
 
         From ``few_shot_source`` (the first ``k_shot`` images of the folder, sorted by name) when given, otherwise
         sampled with ``reference_seed`` from the normal images of the datamodule's train split (the target's, for
-        :class:`~anomalib_faprompt.data.AuxiliaryDataModule`), as anomalib's WinClip does. A memory that came
-        with a checkpoint or prompt file is kept only when neither is available (predicting on a folder).
+        :class:`~anomalib_faprompt.data.AuxiliaryDataModule`) by
+        :func:`~anomalib_faprompt.data.references.sample_normal_references`, the sampling the ``zero_shot``
+        pipeline gives its baselines too. A memory that came with a checkpoint or prompt file is kept only when
+        neither is available (predicting on a folder). :attr:`reference_files` names the images used.
 
         Returns:
             The pre-processed references (k, 3, H, W), or ``None`` when the stored memory was kept.
@@ -366,10 +371,15 @@ class PromptLifecycleMixin(ABC):
                 f"Lower k_shot to at most {len(images)} or add normal images."
             )
             raise ValueError(msg)
+        images = images[: self.k_shot]
+        files = [str(item.image_path) for item in images]
         transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        batch = torch.stack([transform(image) if transform is not None else image for image in images[: self.k_shot]])
+        batch = torch.stack([transform(item.image) if transform is not None else item.image for item in images])
+        if files == self.reference_files and not self.model.references.is_empty:
+            return batch  # already in the memory: Engine.test validates, then tests, each stage starting
         self.model.references.reset()
         self.model.add_references(batch.to(self.device))
+        self.reference_files = files
         logger.info(
             "%s: %d normal reference image(s) from %s in the visual memory (%.1f MB)",
             self.method_name,
@@ -379,25 +389,23 @@ class PromptLifecycleMixin(ABC):
         )
         return batch
 
-    def _reference_images(self) -> tuple[list[torch.Tensor] | None, str]:
-        """Candidate normal images (un-pre-processed, in sampling order) and where they come from."""
+    def _reference_images(self) -> tuple[list[Any] | None, str]:
+        """Candidate normal images (dataset items, un-pre-processed, in sampling order) and where they come from."""
         if self.few_shot_source is not None:
             from anomalib.data import PredictDataset
 
             dataset = PredictDataset(self.few_shot_source)
-            return [dataset[index].image for index in range(len(dataset))], f"few_shot_source '{self.few_shot_source}'"
+            return [dataset[index] for index in range(len(dataset))], f"few_shot_source '{self.few_shot_source}'"
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         datamodule = getattr(datamodule, "target", datamodule)  # AuxiliaryDataModule: the target's normal images
         dataset = getattr(datamodule, "train_data", None)
         samples = getattr(dataset, "samples", None)
         if samples is None:
             return None, ""
-        normal = [int(index) for index in (samples["label_index"] == 0).to_numpy().nonzero()[0]]
-        generator = torch.Generator().manual_seed(self.reference_seed)
-        order = [normal[index] for index in torch.randperm(len(normal), generator=generator)[: self.k_shot].tolist()]
+        order = sample_normal_references(samples, self.k_shot, self.reference_seed)
         name = f"the train split of {getattr(datamodule, 'name', type(datamodule).__name__)}"
         category = getattr(datamodule, "category", None)
-        return [dataset[index].image for index in order], name + (f"/{category}" if category else "")
+        return [dataset[index] for index in order], name + (f"/{category}" if category else "")
 
     def on_fit_start(self) -> None:
         """Check the training data's files before any work is done."""

@@ -22,6 +22,7 @@ The results tree, one level per model, settings, dataset and category::
             <dataset>/<category>/                   e.g. SyntheticAD/disc/: the datamodule's name
                 images/<defect>/<image>.png         heat-maps
                 weights/lightning/model.ckpt        the tested model (thresholds; a baseline's fit)
+                k<k>_s<sampling>/                   few-shot protocol (k > 0): images/, weights/ of that shot
 
 Anomalib's Engine would nest ``<Model>/<Dataset>/<category>/v<N>`` (and a ``latest`` link) inside each folder
 on every fit and test; the pipeline's :class:`FolderEngine` writes into the folder itself, as a folder is only
@@ -43,6 +44,11 @@ the numbers: ``num_workers``, ``results_dir``, ``accelerator``, the models' ``vi
 sizes (only the top-level ``train_batch_size`` trains). Not detected either: changes to the files
 under a dataset's root or to the code; use a new ``results_dir`` after those.
 
+Few-shot protocol: ``k_shot: [0, 1, 2, 4]`` and ``samplings: 5`` add rows per k > 0 and sampling, each with
+its own row file (``rows/<dataset>_<category>-k<k>-s<sampling>-<fingerprint>.json``, whose fingerprint adds k,
+the reference seed and the reference files), and the table gives mean ± std over the samplings; see
+:mod:`~anomalib_faprompt.pipelines.few_shot`. Without them (or with ``k_shot: [0]``) rows and table are the above.
+
 Two variants of one model (e.g. AnomalyCLIP with ``feature_layers: [6, 12, 18, 24]`` and ``[24]``)
 are named in the table by the init args that differ, e.g. ``AnomalyCLIP[feature_layers=24]``; a model
 listed twice with the same effective settings is refused.
@@ -62,6 +68,8 @@ Config (YAML)::
     eval_batch_size: 8
     num_workers: 4
     results_dir: results/zero_shot
+    k_shot: [0, 1, 2, 4]                   # optional, the few-shot protocol (default [0])
+    samplings: 5                           # optional, draws of the references per k > 0 (default 1)
     auxiliary:
       dataset: {class_path: MVTecAD, init_args: {root: ./datasets/MVTecAD}}
       categories: [bottle, cable]          # or "all"
@@ -104,9 +112,21 @@ from matplotlib.figure import Figure
 from anomalib_faprompt.callbacks import RunProgressBar
 from anomalib_faprompt.components.metrics import PAPER_METRICS, paper_evaluator
 from anomalib_faprompt.data import AuxiliaryDataModule, SyntheticAD
+from anomalib_faprompt.methods import METHODS, Learning
 from anomalib_faprompt.models.prompt_module import PromptLearningMixin
 from anomalib_faprompt.visualization import HeatMapVisualizer, untrained_weights_notice
 
+from .few_shot import (
+    FEW_SHOT_KEYS,
+    Shot,
+    check_takes_references,
+    plan_references,
+    plan_shots,
+    reference_use,
+    restrict_train_split,
+    used_references,
+)
+from .few_shot_table import few_shot_markdown, is_few_shot, plot_few_shot, summarise_few_shot
 from .result_files import (
     atomic_write,
     canonical,
@@ -133,19 +153,22 @@ METRICS = PAPER_METRICS
 ROW_VERSION = 1
 
 #: The settings of a protocol config.
-CONFIG_KEYS = frozenset(
-    {
-        "seed",
-        "accelerator",
-        "max_epochs",
-        "train_batch_size",
-        "eval_batch_size",
-        "num_workers",
-        "results_dir",
-        "auxiliary",
-        "targets",
-        "models",
-    }
+CONFIG_KEYS = (
+    frozenset(
+        {
+            "seed",
+            "accelerator",
+            "max_epochs",
+            "train_batch_size",
+            "eval_batch_size",
+            "num_workers",
+            "results_dir",
+            "auxiliary",
+            "targets",
+            "models",
+        }
+    )
+    | FEW_SHOT_KEYS
 )
 
 #: Model init args left out of the fingerprints: the pipeline sets its own evaluator and post-processor.
@@ -271,8 +294,13 @@ class ModelVariant:
         config: The entry (``class_path``, ``init_args``).
         name: Model class name.
         init_args: Effective init args (the model's ``hparams``, defaults included), as plain JSON values.
-        prompt_learning: Whether the model is AnomalyCLIP/FAPrompt.
-        learns_prompts: Whether the pipeline learns its prompts (no ``prompt_weights`` given).
+        prompt_learning: Whether the model is one of this package's prompt methods (AnomalyCLIP, FAPrompt).
+        learns_prompts: Whether the pipeline learns its prompts on the auxiliary data (a method listing
+            ``Learning.AUXILIARY``, no ``prompt_weights`` given).
+        learns_from_normals: Whether it learns from the target category's normal images, so is built and fitted
+            per category (and per k and sampling): anomalib's one-class models, methods listing only
+            ``Learning.FEW_SHOT``.
+        parameters: Its constructor's argument names (which reference settings it takes, see ``few_shot``).
         settings: What its prompts (or, for a baseline, its results) depend on; fingerprinted.
         label: Its name in the table: the class name, plus the init args that differ from the other
             variants of the class in the config.
@@ -287,6 +315,8 @@ class ModelVariant:
     prompt_learning: bool
     learns_prompts: bool
     settings: dict[str, Any]
+    learns_from_normals: bool = False
+    parameters: frozenset[str] = frozenset()
     label: str = ""
     notice: str | None = None
 
@@ -325,7 +355,14 @@ def _variant(index: int, model_config: dict[str, Any], config: dict[str, Any], a
     init_args |= {key: canonical(value) for key, value in given.items() if key not in init_args}
     init_args = {key: value for key, value in init_args.items() if key not in UNFINGERPRINTED_INIT_ARGS}
     prompt_learning = isinstance(model, PromptLearningMixin)
-    learns_prompts = prompt_learning and model.prompt_weights is None
+    method = METHODS.get(name)
+    learning = set(method.learning_types) if method is not None else set()
+    learns_prompts = prompt_learning and Learning.AUXILIARY in learning and model.prompt_weights is None
+    if method is not None:
+        learns_from_normals = learning == {Learning.FEW_SHOT}
+    else:
+        learns_from_normals = model.learning_type == LearningType.ONE_CLASS
+    parameters = frozenset(inspect.signature(type(model)).parameters)
     notice = untrained_weights_notice(model)
     del model
     settings: dict[str, Any] = {"model": name, "init_args": dict(init_args), "seed": config.get("seed", 0)}
@@ -340,10 +377,11 @@ def _variant(index: int, model_config: dict[str, Any], config: dict[str, Any], a
                 "categories": auxiliary.categories,
             },
         }
-    elif prompt_learning:  # learned elsewhere: what counts is the file's content, not its path
+    elif prompt_learning and init_args.get("prompt_weights"):  # learned elsewhere: the file's content counts
         settings["init_args"]["prompt_weights"] = {"sha256": file_digest(init_args["prompt_weights"])}
         settings["init_args"].pop("max_epochs", None)
-    return ModelVariant(index, model_config, name, init_args, prompt_learning, learns_prompts, settings, notice=notice)
+    return ModelVariant(index, model_config, name, init_args, prompt_learning, learns_prompts, settings,
+                        learns_from_normals, parameters, notice=notice)  # fmt: skip
 
 
 def _show(value: Any, compact: bool = True) -> str:
@@ -377,14 +415,19 @@ def _label(variants: list[ModelVariant]) -> None:
             return
 
 
-def plan_models(config: dict[str, Any], auxiliary: DatasetSpec) -> list[ModelVariant]:
+def plan_models(config: dict[str, Any], auxiliary: DatasetSpec, shots: list[Shot] | None = None) -> list[ModelVariant]:
     """The config's models with their effective settings and table labels.
 
     Raises:
-        ValueError: If prompts would be learned with ``max_epochs`` below 1, or a model is listed twice
-            with the same effective settings.
+        ValueError: If prompts would be learned with ``max_epochs`` below 1, a model is listed twice with the
+            same effective settings, or ``shots`` have k > 0 and a model cannot take references
+            (:func:`~anomalib_faprompt.pipelines.few_shot.check_takes_references`).
     """
     variants = [_variant(index, model, config, auxiliary) for index, model in enumerate(config["models"])]
+    if any(shot.k for shot in shots or ()):
+        for variant in variants:
+            given = variant.config.get("init_args") or {}
+            check_takes_references(variant.index, variant.name, variant.parameters, variant.learns_from_normals, given)
     by_name: dict[str, list[ModelVariant]] = {}
     for variant in variants:
         by_name.setdefault(variant.name, []).append(variant)
@@ -424,9 +467,11 @@ class ZeroShot(Pipeline):
 
         Raises:
             ResultsDirLockedError: If another run is writing into the config's ``results_dir``.
-            ValueError: For a bad config (unknown settings or categories, ``max_epochs`` below 1, …).
+            ValueError: For a bad config (unknown settings or categories, ``max_epochs`` below 1, ``k_shot`` above a
+                category's normal images, …).
         """
         config = _load_config(config)
+        shots = plan_shots(config)
         seed = config.get("seed", 0)
         seed_everything(seed, workers=True)
         defaults = {
@@ -436,15 +481,18 @@ class ZeroShot(Pipeline):
         }
         auxiliary = DatasetSpec(config["auxiliary"], defaults)
         targets = [DatasetSpec(target, defaults) for target in config["targets"]]
+        references = plan_references(targets, shots)
         results_dir = Path(config.get("results_dir", "results/zero_shot"))
         engine_args = {"accelerator": config.get("accelerator", "auto"), "devices": 1}
 
         with results_dir_lock(results_dir):
             remove_temporaries(results_dir)
-            variants = plan_models(config, auxiliary)
+            variants = plan_models(config, auxiliary, shots)
             rows = []
             for variant in variants:
-                run = _ModelRun(variant, results_dir, auxiliary, targets, engine_args, defaults, seed)
+                run = _ModelRun(
+                    variant, results_dir, auxiliary, targets, engine_args, defaults, seed, shots, references
+                )
                 rows.extend(run.rows())
             table = summarise(pd.DataFrame(rows))
             write_results(table, results_dir)
@@ -467,35 +515,55 @@ class _ModelRun:
     engine_args: dict[str, Any]
     defaults: dict[str, Any]
     seed: int
+    shots: list[Shot] = dataclasses.field(default_factory=lambda: [Shot(0, 0, None)])
+    references: dict[tuple[str, str, Shot], tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.folder = self.variant.folder(self.results_dir)
         self.model: AnomalibModule | None = None
+        self._model_shot: Shot | None = None
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        """One row per target category, from its file when the same settings made it, else computed now."""
+        """One row per shot and target category, from its file when the same settings made it, else computed now.
+
+        A method that learns only from references (``Learning.FEW_SHOT``) has no k = 0 rows.
+        """
         self._claim_folder()
         prompts = self._prompts() if self.variant.learns_prompts else None
         prompts_digest = file_digest(prompts) if prompts is not None else None
-        for target in self.targets:
-            for category in target.categories:
-                settings = {
-                    "model": self.variant.fingerprint,
-                    "prompts_sha256": prompts_digest,
-                    "target": target.settings(),
-                    "category": category,
-                    "metrics": list(METRICS),
-                    "version": ROW_VERSION,
-                }
-                key = fingerprint(settings)
-                row_file = self.folder / "rows" / f"{target.name}_{category}-{key[:12]}.json"
-                metrics = self._cached_metrics(row_file, key)
-                if metrics is None:
-                    metrics = self._evaluate(target, category, prompts)
-                    content = {"fingerprint": key, "settings": settings, "model": self.variant.label}
-                    write_json(row_file, content | {"dataset": target.name, "category": category, "metrics": metrics})
-                yield {"model": self.variant.label, "dataset": target.name, "category": category, **metrics,
-                       "notice": self.variant.notice or ""}  # fmt: skip
+        needs_references = self.variant.learns_from_normals and self.variant.name in METHODS
+        for shot in self.shots:
+            if needs_references and not shot.k:
+                continue
+            for target in self.targets:
+                for category in target.categories:
+                    files = self.references.get((target.name, category, shot), ())
+                    settings = {
+                        "model": self.variant.fingerprint,
+                        "prompts_sha256": prompts_digest,
+                        "target": target.settings(),
+                        "category": category,
+                        "metrics": list(METRICS),
+                        "version": ROW_VERSION,
+                        **shot.row_settings(files),
+                    }
+                    metrics = self._row_metrics(target, category, prompts, shot, settings)
+                    yield {"model": self.variant.label, "dataset": target.name, "category": category,
+                           "k": shot.k, "sampling": shot.sampling, **metrics,
+                           "notice": self.variant.notice or ""}  # fmt: skip
+
+    def _row_metrics(
+        self, target: DatasetSpec, category: str, prompts: Path | None, shot: Shot, settings: dict[str, Any]
+    ) -> dict[str, float]:
+        """One row's metrics: from its file when one with this fingerprint exists, else computed and written."""
+        key = fingerprint(settings)
+        row_file = self.folder / "rows" / f"{target.name}_{category}{shot.suffix}-{key[:12]}.json"
+        metrics = self._cached_metrics(row_file, key)
+        if metrics is None:
+            metrics = self._evaluate(target, category, prompts, shot)
+            content = {"fingerprint": key, "settings": settings, "model": self.variant.label}
+            write_json(row_file, content | {"dataset": target.name, "category": category, "metrics": metrics})
+        return metrics
 
     def _claim_folder(self) -> None:
         """Record the settings in ``settings.json``, or check that the folder's are these."""
@@ -555,17 +623,29 @@ class _ModelRun:
         atomic_write(prompts, model.save_prompt_weights)
         return prompts
 
-    def _evaluate(self, target: DatasetSpec, category: str, prompts: Path | None) -> dict[str, float]:
-        """Test one target category; a baseline is built (and a one-class one fitted) afresh for each category."""
+    def _shared_model(self, prompts: Path | None, shot: Shot, init_args: dict[str, Any]) -> AnomalibModule:
+        """The prompt model of all categories of one shot (built again, with the same prompts, for another shot)."""
+        if self.model is None or self._model_shot != shot:
+            extra = {"prompt_weights": str(prompts)} if prompts is not None else {}
+            self.model = get_model(copy.deepcopy(self.variant.config), **extra, **init_args)
+            self._model_shot = shot
+        return self.model
+
+    def _evaluate(self, target: DatasetSpec, category: str, prompts: Path | None, shot: Shot) -> dict[str, float]:
+        """Test one target category; a baseline is built (and a one-class one fitted) afresh for each category.
+
+        With k > 0 the model gets the shot's references (:func:`~anomalib_faprompt.pipelines.few_shot.
+        reference_use`), and the files it took them from are checked against the planned ones.
+        """
         datamodule = target.datamodule(category)
-        if self.variant.prompt_learning:
-            if self.model is None:
-                extra = {"prompt_weights": str(prompts)} if prompts is not None else {}
-                self.model = get_model(copy.deepcopy(self.variant.config), **extra)
-            evaluated = self.model
-        else:  # PatchCore fits on the category's normals, WinClip takes its name
+        use = reference_use(self.variant.parameters, self.variant.learns_from_normals, shot)
+        if use.restrict_train_split:
+            restrict_train_split(datamodule, self.references[target.name, category, shot])
+        if self.variant.prompt_learning and not self.variant.learns_from_normals:
+            evaluated = self._shared_model(prompts, shot, use.init_args)
+        else:  # PatchCore fits on the category's normals (or the k references), WinClip takes its name
             seed_everything(self.seed, workers=True, verbose=False)
-            evaluated = get_model(copy.deepcopy(self.variant.config))
+            evaluated = get_model(copy.deepcopy(self.variant.config), **use.init_args)
         # Metrics on raw scores and maps. The prompt models compute them before their post-processor, which stays
         # to give the heat-maps their [0, 1] range (AnomalyCLIP's raw map sums one probability per feature layer,
         # which image conversion would wrap past 1); baselines run without one, as anomalib scores after it. Set
@@ -575,17 +655,35 @@ class _ModelRun:
         evaluated.evaluator = paper_evaluator()
         if evaluated.visualizer is not None:  # a fresh one: a visualiser keeps the folder of its first run
             evaluated.visualizer = HeatMapVisualizer(notice=self.variant.notice)
-        engine = FolderEngine(default_root_dir=self.folder / target.name / category, **self.engine_args)
-        if evaluated.learning_type == LearningType.ONE_CLASS:
+        folder = self.folder / target.name / category / (f"k{shot.k}_s{shot.sampling}" if shot.k else "")
+        engine = FolderEngine(default_root_dir=folder, **self.engine_args)
+        if evaluated.learning_type == LearningType.ONE_CLASS or self.variant.learns_from_normals:
             engine.fit(evaluated, datamodule=datamodule)
             metrics = engine.test_after_fit(evaluated, datamodule)[0]
         else:
             metrics = engine.test(evaluated, datamodule=datamodule, verbose=False)[0]
+        if shot.k:
+            self._check_references(used_references(evaluated, datamodule, use), target, category, shot)
         return {name: float(metrics[name]) for name in METRICS}
+
+    def _check_references(self, used: list[str] | None, target: DatasetSpec, category: str, shot: Shot) -> None:
+        planned = list(self.references[target.name, category, shot])
+        if used is None or sorted(used) != sorted(planned):  # a train split is kept sorted by anomalib
+            msg = (
+                f"{self.variant.label} on {target.name}/{category} (k={shot.k}, sampling {shot.sampling}) took its "
+                f"references from {used}, not the protocol's {planned}; its row would not compare with the others'."
+            )
+            raise RuntimeError(msg)
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per-category rows plus, per model, the mean over all target categories; ``notice`` names untrained weights."""
+    """Per-category rows plus, per model, the mean over all target categories; ``notice`` names untrained weights.
+
+    Rows of a few-shot run (k > 0) give the few-shot table instead: mean ± std over the samplings per model,
+    category and k (:func:`~anomalib_faprompt.pipelines.few_shot_table.summarise_few_shot`).
+    """
+    if is_few_shot(rows):
+        return summarise_few_shot(rows, METRICS)
     if "notice" not in rows:
         rows = rows.assign(notice="")
     means = rows.groupby("model", sort=False).agg({**dict.fromkeys(METRICS, "mean"), "notice": "first"}).reset_index()
@@ -606,13 +704,20 @@ def notices(table: pd.DataFrame) -> list[str]:
     return [f"{row.model}: {row.notice}" for row in named.itertuples(index=False) if row.notice]
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A Markdown table with metrics in percent, followed by the models with untrained weights, if any."""
-    header = "| model | dataset | category | " + " | ".join(METRICS) + " |"
-    lines = [header, "|" + "---|" * (3 + len(METRICS))]
+def _zero_shot_markdown(table: pd.DataFrame) -> list[str]:
+    lines = ["| model | dataset | category | " + " | ".join(METRICS) + " |", "|" + "---|" * (3 + len(METRICS))]
     for row in table.itertuples(index=False):
         values = " | ".join(f"{100 * getattr(row, name):.1f}" for name in METRICS)
         lines.append(f"| {row.model} | {row.dataset} | {row.category} | {values} |")
+    return lines
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A Markdown table with metrics in percent, followed by the models with untrained weights, if any.
+
+    A few-shot table has a ``k`` column and ``mean ± std`` (over the samplings) values for k > 0.
+    """
+    lines = few_shot_markdown(table, METRICS) if is_few_shot(table) else _zero_shot_markdown(table)
     if noted := notices(table):
         lines += ["", UNTRAINED_WEIGHTS_NOTE, *(f"- {note}" for note in noted)]
     return "\n".join(lines)
@@ -621,22 +726,28 @@ def to_markdown(table: pd.DataFrame) -> str:
 def results_figure(table: pd.DataFrame) -> Figure:
     """Bar chart of each model's means, with AUROC's chance level (50 %) and the models with untrained weights.
 
+    A few-shot table gives one panel per metric instead: each model's mean against k, with ± std bars.
+
     Example:
         >>> results_figure(table).savefig("results.png")  # doctest: +SKIP
     """
     noted = notices(table)
-    figure = Figure(figsize=(9.5, 4 + 0.2 * (len(noted) + 1) * bool(noted)))
-    axes = figure.add_subplot()
-    means = table[table.category == "mean"].set_index("model")[list(METRICS)] * 100
-    means.T.plot.bar(ax=axes, rot=0, ylim=(0, 100), ylabel="%", title="Zero-shot, mean over targets")
-    axes.axhline(50, color="0.3", linestyle="--", linewidth=1, label="AUROC chance level (50 %)")
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, never over them
+    few_shot = is_few_shot(table)
+    figure = Figure(figsize=(16 if few_shot else 9.5, 4 + 0.2 * (len(noted) + 1) * bool(noted)))
+    if few_shot:
+        plot_few_shot(figure, table, METRICS)
+    else:
+        axes = figure.add_subplot()
+        means = table[table.category == "mean"].set_index("model")[list(METRICS)] * 100
+        means.T.plot.bar(ax=axes, rot=0, ylim=(0, 100), ylabel="%", title="Zero-shot, mean over targets")
+        axes.axhline(50, color="0.3", linestyle="--", linewidth=1, label="AUROC chance level (50 %)")
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, never over them
     bottom = 0.0
     if noted:
         lines = [UNTRAINED_WEIGHTS_NOTE, *noted]
         bottom = (0.2 * len(lines) + 0.1) / figure.get_figheight()
         figure.text(0.01, 0.01, "\n".join(lines), fontsize=8, color="darkred", va="bottom")
-    figure.tight_layout(rect=(0, bottom, 1, 1))
+    figure.tight_layout(rect=(0, bottom, 0.88 if few_shot else 1, 0.95 if few_shot else 1))
     return figure
 
 
