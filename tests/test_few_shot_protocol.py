@@ -268,3 +268,51 @@ def test_winclip_gets_k_shot_and_the_same_reference_images(root, tiny_clip, tmp_
     [(k_shot, collected, files)] = winclip  # references are collected once: WinClip sets up once
     assert (k_shot, collected) == (2, 2)
     assert sorted(files) == sorted(memory[0])
+
+
+def test_promptad_learns_per_category_and_shot_from_the_same_reference_files(root, small_promptad, tmp_path):
+    """A method that learns its prompts from the k normal images (Learning.FEW_SHOT_PROMPTS): fitted afresh per
+    category, k and sampling on the protocol's files (PatchCore's), no k = 0 row; its rows average its samplings."""
+    memory: list[tuple[int, int, list[str]]] = []
+    fitted: list[list[str]] = []
+    collect, step, fit = PromptLifecycleMixin._collect_references, Patchcore.training_step, Engine.fit
+
+    def spy_collect(self):
+        shots = collect(self)
+        if self.trainer.state.fn == "fit":
+            memory.append((self.k_shot, self.reference_seed, sorted(self.reference_files)))
+        return shots
+
+    def spy_step(self, batch, *args, **kwargs):
+        fitted[-1].extend(str(path) for path in batch.image_path)
+        return step(self, batch, *args, **kwargs)
+
+    def spy_fit(self, model, *args, **kwargs):
+        if isinstance(model, Patchcore):
+            fitted.append([])
+        return fit(self, model, *args, **kwargs)
+
+    config = few_shot_config(root, tmp_path / "results", {}, models=("Patchcore",), k_shot=[0, 1, 2])
+    promptad = {key: value for key, value in small_promptad.items() if key != "category"}  # the datamodule's
+    config["models"].append({"class_path": "PromptAD", "init_args": {**promptad, "max_epochs": 2}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PromptLifecycleMixin, "_collect_references", spy_collect)
+        patch.setattr(Patchcore, "training_step", spy_step)
+        patch.setattr(Engine, "fit", spy_fit)
+        table = ZeroShot().run_config(config)
+
+    rows = table[(table.model == "PromptAD") & (table.category == "disc")].set_index("k")
+    assert list(rows.index) == [1, 2]  # PromptAD scores only with references: no k = 0 row
+    shots = [shot for shot in plan_shots({"seed": SEED, "k_shot": [0, 1, 2], "samplings": SAMPLINGS}) if shot.k]
+    assert [(k, seed) for k, seed, _ in memory] == [(shot.k, shot.seed) for shot in shots]  # one fit per shot
+    for (_, _, files), patchcore_files in zip(memory, fitted[1:], strict=True):
+        assert files == sorted(patchcore_files)
+    for k in (1, 2):
+        per_sampling = [
+            json.loads(path.read_text())["metrics"]["image_AUROC"]
+            for path in (tmp_path / "results").rglob(f"PromptAD/*/rows/*-k{k}-s*.json")
+        ]
+        assert len(per_sampling) == SAMPLINGS
+        assert rows.loc[k, ["image_AUROC", "image_AUROC_std"]].tolist() == pytest.approx(
+            [np.mean(per_sampling), np.std(per_sampling)], abs=1e-9
+        )

@@ -19,7 +19,7 @@ image files. How a model gets them depends on what it is, never on its class nam
   train split holding only the k images (WinClip takes its references from the train loader; its
   ``few_shot_source`` path reads ``pre_processor.test_transform``, which anomalib 2.7's ``PreProcessor`` lacks);
 - a model that learns from normal images (anomalib's one-class models such as ``Patchcore``, and methods
-  listing only ``Learning.FEW_SHOT`` in :data:`~anomalib_faprompt.methods.METHODS`, such as PromptAD) is
+  listing ``Learning.FEW_SHOT_PROMPTS`` in :data:`~anomalib_faprompt.methods.METHODS`, such as PromptAD) is
   fitted on a train split holding only the k images. At k = 0 one-class models keep the whole train split
   (the zero-shot protocol's baseline); methods that need references get no k = 0 row.
 

@@ -294,12 +294,12 @@ class ModelVariant:
         config: The entry (``class_path``, ``init_args``).
         name: Model class name.
         init_args: Effective init args (the model's ``hparams``, defaults included), as plain JSON values.
-        prompt_learning: Whether the model is one of this package's prompt methods (AnomalyCLIP, FAPrompt).
+        prompt_learning: Whether the model is one of this package's prompt methods (AnomalyCLIP, FAPrompt, PromptAD).
         learns_prompts: Whether the pipeline learns its prompts on the auxiliary data (a method listing
             ``Learning.AUXILIARY``, no ``prompt_weights`` given).
         learns_from_normals: Whether it learns from the target category's normal images, so is built and fitted
-            per category (and per k and sampling): anomalib's one-class models, methods listing only
-            ``Learning.FEW_SHOT``.
+            per category (and per k and sampling): anomalib's one-class models, methods listing
+            ``Learning.FEW_SHOT_PROMPTS`` without loaded prompts (PromptAD).
         parameters: Its constructor's argument names (which reference settings it takes, see ``few_shot``).
         settings: What its prompts (or, for a baseline, its results) depend on; fingerprinted.
         label: Its name in the table: the class name, plus the init args that differ from the other
@@ -358,8 +358,8 @@ def _variant(index: int, model_config: dict[str, Any], config: dict[str, Any], a
     method = METHODS.get(name)
     learning = set(method.learning_types) if method is not None else set()
     learns_prompts = prompt_learning and Learning.AUXILIARY in learning and model.prompt_weights is None
-    if method is not None:
-        learns_from_normals = learning == {Learning.FEW_SHOT}
+    if method is not None:  # PromptAD learns its prompts from the k normal images, unless they were loaded
+        learns_from_normals = Learning.FEW_SHOT_PROMPTS in learning and model.prompt_weights is None
     else:
         learns_from_normals = model.learning_type == LearningType.ONE_CLASS
     parameters = frozenset(inspect.signature(type(model)).parameters)
@@ -526,12 +526,16 @@ class _ModelRun:
     def rows(self) -> Iterator[dict[str, Any]]:
         """One row per shot and target category, from its file when the same settings made it, else computed now.
 
-        A method that learns only from references (``Learning.FEW_SHOT``) has no k = 0 rows.
+        A method that scores only with references (PromptAD: ``Learning.FEW_SHOT_PROMPTS``) has no k = 0 rows.
         """
         self._claim_folder()
         prompts = self._prompts() if self.variant.learns_prompts else None
         prompts_digest = file_digest(prompts) if prompts is not None else None
-        needs_references = self.variant.learns_from_normals and self.variant.name in METHODS
+        method = METHODS.get(self.variant.name)
+        # A method that cannot score without references (neither zero-shot nor auxiliary learning: PromptAD).
+        needs_references = method is not None and not {Learning.ZERO_SHOT, Learning.AUXILIARY} & set(
+            method.learning_types
+        )
         for shot in self.shots:
             if needs_references and not shot.k:
                 continue
