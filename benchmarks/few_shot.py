@@ -7,6 +7,9 @@ peak memory. One model per method is reused: the features of the largest k's ref
 vision forward each, ``add_reference_seconds``), and the memory of k references is their first k. Timings run in
 rounds over every k (``--repeats`` rounds, median), so that the machine's load drifting shifts every k alike.
 
+The methods are those that also score without references (k = 0, the reference point of the ratios):
+AnomalyCLIP and FAPrompt. PromptAD scores only with its memory; ``benchmark.py --k-shot K`` measures it.
+
 Weights and prompts are random (``pretrained=None``; cost does not depend on them), as in ``benchmark.py``,
 whose configurations (``small``, ``large`` = ViT-L-14-336 at 518, the papers' setting) and timing helpers are
 reused.
@@ -25,6 +28,12 @@ from typing import Any
 
 import torch
 from benchmark import CONFIGS, METHODS, PeakMemory, build, emit, machine, timed
+
+from anomalib_faprompt.methods import METHODS as METHOD_LIST
+from anomalib_faprompt.methods import Learning
+
+#: The methods that score at k = 0 too (zero-shot prompts with optional references).
+REFERENCE_METHODS = sorted(name for name in METHODS if Learning.ZERO_SHOT in METHOD_LIST[name].learning_types)
 
 
 def benchmark_references(method: str, config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="large")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=REFERENCE_METHODS, default=REFERENCE_METHODS)
     parser.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4, 8], help="reference counts (0 first)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of timed images over every k, median (batch 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
