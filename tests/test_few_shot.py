@@ -134,8 +134,11 @@ def test_a_checkpoint_keeps_the_memory(small_clip, released_prompts, tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_export_with_the_memory_matches_torch(small_clip, released_prompts, tmp_path):
+def test_onnx_and_openvino_exports_with_the_memory_match_torch(small_clip, released_prompts, tmp_path):
+    """The memory is a constant of the graphs; OpenVINO compiled in f32 (bf16 by default on AVX512-BF16/AMX CPUs)."""
     onnxruntime = pytest.importorskip("onnxruntime")
+    import openvino
+
     model = make_model("AnomalyCLIP", small_clip, released_prompts, k_shot=2)
     model.model.add_references(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4)))
     path = model.to_onnx(tmp_path)
@@ -144,7 +147,11 @@ def test_onnx_export_with_the_memory_matches_torch(small_clip, released_prompts,
     exported = dict(
         zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True)
     )
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(images.numpy())
+    inferred = {output.get_any_name(): result[output] for output in compiled.outputs}
     with torch.no_grad():
         expected = model.eval()(images)
-    np.testing.assert_allclose(exported["pred_score"], expected.pred_score.numpy(), atol=1e-4)
-    np.testing.assert_allclose(exported["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+    for outputs in (exported, inferred):
+        np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4)
+        np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
