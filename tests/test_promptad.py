@@ -371,3 +371,11 @@ def test_cli_train_then_test_and_predict_with_only_model_and_ckpt_path(small_pro
                  "--default_root_dir", str(output)])  # fmt: skip
     written = sorted(path.name for path in output.rglob("*.png") if "images" in path.parts)
     assert written == sorted(path.name for path in folder.glob("*.png"))
+
+
+def test_the_random_small_clip_of_its_fixture_is_named_on_heat_maps_and_tables(small_promptad):
+    from anomalib_faprompt.visualization import untrained_weights_notice
+
+    assert untrained_weights_notice(PromptAD(**small_promptad)) == (
+        "the random small CLIP of shared/golden (clip_small_promptad_seed1.pt)"
+    )

@@ -81,10 +81,14 @@ def fitting_font_size(titles: list[str], field_size: tuple[int, int], text_confi
 
 #: CLIP weights files known to hold random, untrained weights, by their :func:`~anomalib_faprompt.prompt_weights.
 #: clip_identity` (size and hash of the first and last MiB, so a copy or a renamed file is recognised and any other
-#: weights are not): the small reference CLIP of ``shared/golden`` (seeded random initialisation, SPEC §5).
+#: weights are not): the small reference CLIPs of ``shared/golden`` (seeded random initialisations, SPEC §5 and
+#: SPEC_PromptAD §13).
 UNTRAINED_CLIP_WEIGHTS = {
     "20916199 bytes, sha256 of first and last MiB 3007fb2183dc662a": (
         "the random small CLIP of shared/golden (clip_small_seed0.pt)"
+    ),
+    "22608331 bytes, sha256 of first and last MiB 887ba60997c95eff": (
+        "the random small CLIP of shared/golden (clip_small_promptad_seed1.pt)"
     ),
 }
 
@@ -92,7 +96,7 @@ UNTRAINED_CLIP_WEIGHTS = {
 def untrained_weights_notice(model: Any) -> str | None:
     """What says that a model's frozen backbone has untrained (random) weights, ``None`` when nothing does.
 
-    Detected from what the model reports, not from a path: for AnomalyCLIP and FAPrompt the CLIP identity of
+    Detected from what the model reports, not from a path: for this package's methods the CLIP identity of
     their prompt settings (``pretrained=None``, or a weights file of :data:`UNTRAINED_CLIP_WEIGHTS`); for
     anomalib baselines ``pre_trained=False`` in their hyper-parameters. Weights trained elsewhere cannot be
     told from their values in general, so other files are not flagged.
