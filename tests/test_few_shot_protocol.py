@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,22 @@ def few_shot_config(root: Path, results: Path, tiny_clip: dict, models=("FAPromp
     return config | {"k_shot": KS, "samplings": SAMPLINGS} | protocol_settings
 
 
-@pytest.fixture(scope="module")
-def spied_run(tmp_path_factory, root, tiny_clip) -> Iterator[dict[str, Any]]:
-    """One run, with the reference files each model took: the prompt model's memory, PatchCore's fitted images."""
-    memory: list[tuple[int, int, list[str]]] = []  # (k, reference seed, files) per collection
-    fitted: list[list[str]] = []  # images of each PatchCore fit's training batches
+@contextmanager
+def spying(stages: Collection[str] | None = None) -> Iterator[tuple[list, list]]:
+    """The reference files each model takes: the prompt models' memory and PatchCore's fitted images.
+
+    Yields lists filled while the context runs: ``(k, reference seed, files)`` per collection of references (in
+    ``stages`` of the trainer, all when ``None``), and the images of each PatchCore fit's training batches.
+    """
+    memory: list[tuple[int, int, list[str]]] = []
+    fitted: list[list[str]] = []
     collect, step, fit = PromptLifecycleMixin._collect_references, Patchcore.training_step, Engine.fit
 
     def spy_collect(self):
-        collect(self)
-        memory.append((self.k_shot, self.reference_seed, list(self.reference_files)))
+        shots = collect(self)
+        if stages is None or self.trainer.state.fn in stages:
+            memory.append((self.k_shot, self.reference_seed, list(self.reference_files)))
+        return shots
 
     def spy_step(self, batch, *args, **kwargs):
         fitted[-1].extend(str(path) for path in batch.image_path)
@@ -71,11 +78,18 @@ def spied_run(tmp_path_factory, root, tiny_clip) -> Iterator[dict[str, Any]]:
             fitted.append([])
         return fit(self, model, *args, **kwargs)
 
-    results = tmp_path_factory.mktemp("few_shot") / "results"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PromptLifecycleMixin, "_collect_references", spy_collect)
         patch.setattr(Patchcore, "training_step", spy_step)
         patch.setattr(Engine, "fit", spy_fit)
+        yield memory, fitted
+
+
+@pytest.fixture(scope="module")
+def spied_run(tmp_path_factory, root, tiny_clip) -> Iterator[dict[str, Any]]:
+    """One run, with the reference files each model took: the prompt model's memory, PatchCore's fitted images."""
+    results = tmp_path_factory.mktemp("few_shot") / "results"
+    with spying() as (memory, fitted):
         table = ZeroShot().run_config(few_shot_config(root, results, tiny_clip))
     yield {"results": results, "table": table, "memory": memory, "fitted": fitted}
 
@@ -273,32 +287,10 @@ def test_winclip_gets_k_shot_and_the_same_reference_images(root, tiny_clip, tmp_
 def test_promptad_learns_per_category_and_shot_from_the_same_reference_files(root, small_promptad, tmp_path):
     """A method that learns its prompts from the k normal images (Learning.FEW_SHOT_PROMPTS): fitted afresh per
     category, k and sampling on the protocol's files (PatchCore's), no k = 0 row; its rows average its samplings."""
-    memory: list[tuple[int, int, list[str]]] = []
-    fitted: list[list[str]] = []
-    collect, step, fit = PromptLifecycleMixin._collect_references, Patchcore.training_step, Engine.fit
-
-    def spy_collect(self):
-        shots = collect(self)
-        if self.trainer.state.fn == "fit":
-            memory.append((self.k_shot, self.reference_seed, sorted(self.reference_files)))
-        return shots
-
-    def spy_step(self, batch, *args, **kwargs):
-        fitted[-1].extend(str(path) for path in batch.image_path)
-        return step(self, batch, *args, **kwargs)
-
-    def spy_fit(self, model, *args, **kwargs):
-        if isinstance(model, Patchcore):
-            fitted.append([])
-        return fit(self, model, *args, **kwargs)
-
     config = few_shot_config(root, tmp_path / "results", {}, models=("Patchcore",), k_shot=[0, 1, 2])
     promptad = {key: value for key, value in small_promptad.items() if key != "category"}  # the datamodule's
     config["models"].append({"class_path": "PromptAD", "init_args": {**promptad, "max_epochs": 2}})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(PromptLifecycleMixin, "_collect_references", spy_collect)
-        patch.setattr(Patchcore, "training_step", spy_step)
-        patch.setattr(Engine, "fit", spy_fit)
+    with spying(stages=("fit",)) as (memory, fitted):
         table = ZeroShot().run_config(config)
 
     rows = table[(table.model == "PromptAD") & (table.category == "disc")].set_index("k")
@@ -306,7 +298,7 @@ def test_promptad_learns_per_category_and_shot_from_the_same_reference_files(roo
     shots = [shot for shot in plan_shots({"seed": SEED, "k_shot": [0, 1, 2], "samplings": SAMPLINGS}) if shot.k]
     assert [(k, seed) for k, seed, _ in memory] == [(shot.k, shot.seed) for shot in shots]  # one fit per shot
     for (_, _, files), patchcore_files in zip(memory, fitted[1:], strict=True):
-        assert files == sorted(patchcore_files)
+        assert sorted(files) == sorted(patchcore_files)
     for k in (1, 2):
         per_sampling = [
             json.loads(path.read_text())["metrics"]["image_AUROC"]
