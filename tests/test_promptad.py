@@ -379,3 +379,23 @@ def test_the_random_small_clip_of_its_fixture_is_named_on_heat_maps_and_tables(s
     assert untrained_weights_notice(PromptAD(**small_promptad)) == (
         "the random small CLIP of shared/golden (clip_small_promptad_seed1.pt)"
     )
+
+
+def test_a_fit_validates_once_after_its_last_epoch(small_promptad, tiny_mvtec, tmp_path):
+    """Validation only calibrates thresholds (no epoch is selected): once, not after each of the 100 epochs."""
+    from lightning.pytorch import Callback
+
+    class CountValidations(Callback):
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.epochs.append(trainer.current_epoch)
+
+    model = PromptAD(**small_promptad, k_shot=2, max_epochs=3)
+    assert model.trainer_arguments["check_val_every_n_epoch"] == 3
+    counter = CountValidations()
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    callbacks=[counter])  # fmt: skip
+    engine.fit(model, datamodule=datamodule(tiny_mvtec))
+    assert counter.epochs == [2]

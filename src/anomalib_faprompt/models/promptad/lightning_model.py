@@ -227,6 +227,19 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
         model.model.load_released(*contents, source=f"'{image_checkpoint}', '{pixel_checkpoint}'")
         return model
 
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """The lifecycle's, and one validation after the last epoch.
+
+        Validation only calibrates the post-processor's thresholds here (the last epoch's prompts are kept; the
+        release instead tests after every epoch and keeps the best), so validating after each of the 100 epochs
+        would only multiply the cost.
+        """
+        arguments = super().trainer_arguments
+        if self.max_epochs is not None:
+            arguments["check_val_every_n_epoch"] = self.max_epochs
+        return arguments
+
     # The category: the prompts' object name and manual anomaly states ----------------------------------------
 
     def prompt_settings(self) -> dict[str, Any]:
