@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: The release smooths its maps with σ = 4 at its 400-px evaluation size (SPEC_PromptAD §8.3).
 RELEASE_SIGMA, RELEASE_MAP_SIZE = 4.0, 400
-HEADS = ("image", "pixel")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -116,7 +115,6 @@ class PromptADOutput:
 
     text: dict[str, HeadText]
     features: PromptADFeatures
-    patch_features: list[torch.Tensor] | None = field(default=None)
 
 
 def half_harmonic_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
