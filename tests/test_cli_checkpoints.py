@@ -183,6 +183,18 @@ def test_settings_equal_to_the_checkpoints_are_accepted(trained, tiny_mvtec, tmp
     assert_rebuilt(run.model, trained)
 
 
+def test_inference_compile_is_a_run_time_choice_not_taken_from_or_checked_against_the_checkpoint(
+    trained, tiny_mvtec, tmp_path
+):
+    """A checkpoint trained eagerly tests compiled with the flag alone, and without the flag runs eagerly."""
+    arguments = ["test", "--model", trained["method"], "--ckpt_path", str(trained["checkpoint"])]
+    arguments += [*data_arguments(tiny_mvtec), "--default_root_dir", str(tmp_path)]
+    compiled = cli([*arguments, "--model.inference_compile", "default"], run=False).model
+    assert_rebuilt(compiled, trained)
+    assert compiled.model.compiled_vision.mode == "default"
+    assert cli(arguments, run=False).model.model.compiled_vision is None
+
+
 def test_a_model_of_the_other_method_is_refused(trained, tiny_mvtec, capsys):
     other = next(method for method in METHODS if method != trained["method"])
     line = refusal(capsys, ["test", "--model", other, "--ckpt_path", str(trained["checkpoint"])])

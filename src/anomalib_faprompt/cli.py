@@ -60,9 +60,11 @@ _SPECIAL_CHECKPOINTS = frozenset({"best", "last", "hpc", "registry"})
 # Test-time settings of few-shot references may differ too: the prompts do not depend on them.
 MAY_DIFFER = frozenset({"pretrained", "max_epochs", "k_shot", "few_shot_source", "reference_seed", "reference_weight"})
 
-#: Constructor arguments never taken from the checkpoint.
+#: Constructor arguments never taken from the checkpoint. ``inference_compile`` is how this run executes, not what
+#: was learned: eager unless given, and given freely (compiled outputs equal eager ones).
 NOT_FROM_CHECKPOINT = frozenset(
     {
+        "inference_compile",
         "prompt_weights",
         "allow_untrained_prompts",
         "allow_setting_mismatch",

@@ -20,10 +20,11 @@ from torch import nn
 
 from anomalib_faprompt.components import GaussianSmoothing, VisualMemory, upsample_maps
 
+from .compiled import CompiledVision, check_compile_mode
 from .loading import build_clip
 from .settings import backbone_geometry, check_float, check_int, check_layers
 from .text import PromptedTextEncoder, PromptTemplate
-from .vision import DPAMVisionEncoder
+from .vision import DPAMVisionEncoder, VisionFeatures
 
 FROZEN_MODULES = ("vision", "text")
 
@@ -106,6 +107,8 @@ class PromptedCLIP(nn.Module):
         self.references = VisualMemory()
         self.reference_weight = reference_weight
         self._text_cache: tuple[tuple, object] | None = None
+        #: The compiled vision encoder used in eval mode (:meth:`compile_inference`); ``None``: eager.
+        self.compiled_vision: CompiledVision | None = None
         # Checkpoints hold what was learned; the frozen CLIP is rebuilt from backbone/pretrained
         # (a ViT-L/14 would otherwise add 1.7 GB to every checkpoint).
         self.register_state_dict_post_hook(_drop_frozen_weights)
@@ -177,11 +180,30 @@ class PromptedCLIP(nn.Module):
             Global features (B, E) and, per feature layer, patch features (B, N, E) without the class token.
         """
         with torch.no_grad():
-            image_features, patch_features = self.vision(images, feature_layers)
+            features = self.run_vision(images, feature_layers)
+        image_features, patch_features = features.image_features, features.patch_features
         return (
             F.normalize(image_features.float(), dim=-1),
             [F.normalize(features[:, 1:].float(), dim=-1) for features in patch_features],
         )
+
+    def compile_inference(self, mode: str | None) -> None:
+        """Run the vision encoder compiled at inference (eval mode): a ``torch.compile`` mode, or ``None``.
+
+        See :mod:`anomalib_faprompt.clip.compiled`; training and export stay eager.
+        """
+        mode = check_compile_mode(mode)
+        self.compiled_vision = CompiledVision(self.vision, mode) if mode is not None else None
+
+    def run_vision(
+        self, images: torch.Tensor, feature_layers: Sequence[int], residual_layers: Sequence[int] = ()
+    ) -> VisionFeatures:
+        """The vision encoder's features: compiled in eval mode when :meth:`compile_inference` asked for it."""
+        compiled = self.compiled_vision
+        eager = compiled is None or self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if eager:
+            return self.vision.encode(images, feature_layers, residual_layers)
+        return compiled(images, feature_layers, residual_layers)
 
     # The forward pass every method shares -----------------------------------------------------------------
 

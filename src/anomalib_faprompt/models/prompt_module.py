@@ -142,6 +142,7 @@ class PromptLifecycleMixin(ABC):
         k_shot: int = 0,
         few_shot_source: str | Path | None = None,
         reference_seed: int = 0,
+        inference_compile: str | None = None,
     ) -> None:
         # Checkpoints are read with weights_only=True, which refuses OmegaConf containers (YAML configs pass
         # lists as ListConfig) and anything but plain Python: store plain values so every path can reload them.
@@ -159,6 +160,7 @@ class PromptLifecycleMixin(ABC):
         self.k_shot, self.few_shot_source, self.reference_seed = check_references(
             k_shot, few_shot_source, reference_seed
         )
+        self.model.compile_inference(inference_compile)
         #: The image files of the references in the visual memory, once collected (in sampling order).
         self.reference_files: list[str] = []
         self._clip_identity = clip_identity(self.hparams["backbone"], self.hparams["pretrained"])
@@ -589,7 +591,8 @@ class PromptLifecycleMixin(ABC):
                 "model with allow_untrained_prompts=True to save them marked as untrained."
             )
             raise UntrainedPromptsError(msg)
-        ignored = {"prompt_weights", "allow_untrained_prompts", "allow_setting_mismatch"}
+        # How a run executes is not what the prompts were learned with.
+        ignored = {"prompt_weights", "allow_untrained_prompts", "allow_setting_mismatch", "inference_compile"}
         settings = {k: v for k, v in self.hparams.items() if k not in ignored}
         return save_prompt_weights(self.model, path, self.method_name, settings, self.prompt_settings(), trained)
 

@@ -322,7 +322,7 @@ class PromptADModel(PromptedCLIP):
     def encode_features(self, images: torch.Tensor) -> PromptADFeatures:
         """Frozen VV-CLIP forward without gradients; every feature L2-normalised, class token dropped."""
         with torch.no_grad():
-            features = self.vision.encode(images, self.feature_layers, self.memory_layers)
+            features = self.run_vision(images, self.feature_layers, self.memory_layers)
         return PromptADFeatures(
             image=F.normalize(features.image_features.float(), dim=-1),
             patches=F.normalize(features.patch_features[0][:, 1:].float(), dim=-1),
