@@ -32,6 +32,9 @@ need no other model option. The rule, per constructor argument recorded in the c
 ``export`` loads the checkpoint into the model built this way (anomalib's ``Engine.export`` would build
 a second model from the recorded settings, ignoring a moved ``--model.pretrained``).
 
+**Seeded.** ``seed_everything: <int>`` seeds before the classes are built, as anomalib's help says but its
+CLI does not do (see :func:`_apply_seed`).
+
 **Errors in one line.** jsonargparse reports an exception raised while it builds a model inside a
 ~300-line "Does not validate against any of the Union subtypes" dump. The errors our models and
 datamodules raise for bad settings (missing CLIP weights, settings out of range, prompt files) and
@@ -351,6 +354,23 @@ def _exit(error: BaseException) -> None:
     raise SystemExit(2)
 
 
+def _apply_seed(cli: Any) -> None:
+    """Seed as ``seed_everything: <int>`` says, before any class is built (the model's initial prompts included).
+
+    anomalib 2.7's CLI parses ``--seed_everything`` ("run seed_everything with this value before classes
+    instantiation") but never applies it: every ``anomalib train`` started from other random prompts, and a run
+    over several processes (``--trainer.strategy ddp``) could not be compared with one process's. ``True`` (a
+    random seed, anomalib's default) and ``False`` are left as they were.
+    """
+    subcommand = cli.config.get("subcommand")
+    config = cli.config.get(subcommand, cli.config) if subcommand else cli.config
+    seed = config.get("seed_everything") if hasattr(config, "get") else None
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        from lightning.pytorch import seed_everything
+
+        seed_everything(seed, workers=True)
+
+
 def install(cli_class: type) -> None:
     """Wrap ``cli_class``'s ``__init__``, ``before_instantiate_classes`` and ``instantiate_classes`` (idempotent)."""
     if cli_class.__dict__.get(_MARKER):
@@ -368,6 +388,7 @@ def install(cli_class: type) -> None:
     @functools.wraps(original_before)
     def before_instantiate_classes(self: Any) -> None:
         original_before(self)
+        _apply_seed(self)
         try:
             _fill_from_checkpoint(self)
         except CheckpointSettingsError as error:

@@ -30,6 +30,7 @@ from anomalib_faprompt.clip.settings import check_int
 from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics
 from anomalib_faprompt.data.references import sample_normal_references
 from anomalib_faprompt.data.validation import check_masks_before_setup, validate_trainer_data
+from anomalib_faprompt.distributed import DistributedSampling, SharedWorkspace
 from anomalib_faprompt.logs import quiet_export
 from anomalib_faprompt.models.training_rules import ZERO_SHOT_PROTOCOL
 from anomalib_faprompt.prompt_weights import (
@@ -311,6 +312,9 @@ class PromptLifecycleMixin(ABC):
     def configure_callbacks(self) -> list[Callback]:
         """Anomalib's component callbacks, raw-output metrics before the post-processor, and the prompt-file writer.
 
+        With them, the samplers and the shared folder that make a distributed run give one process's results
+        (:mod:`~anomalib_faprompt.distributed`).
+
         An evaluator given by the user (or set later, as pipelines do) gets the same treatment as the default one:
         its threshold-free metrics are computed on raw outputs, so every path reports the same numbers. The
         trainer's default progress bar becomes one that names the model, dataset and category
@@ -323,9 +327,10 @@ class PromptLifecycleMixin(ABC):
         if isinstance(self.evaluator, RawOutputEvaluator):
             position = next((i for i, callback in enumerate(callbacks) if callback is self.post_processor), 0)
             callbacks.insert(position, self.evaluator.before_post_processing)
-        prompt_file_writer = PromptWeightsCheckpoint()
-        setattr(prompt_file_writer, MODEL_CREATED, True)
-        return hand_over_callbacks(self, [*callbacks, prompt_file_writer])
+        own = [PromptWeightsCheckpoint(), DistributedSampling(), SharedWorkspace()]
+        for callback in own:
+            setattr(callback, MODEL_CREATED, True)
+        return hand_over_callbacks(self, [*callbacks, *own])
 
     def prepare_data(self) -> None:
         """Refuse anomalous images without masks (Lightning calls this before it sets the datamodule up)."""

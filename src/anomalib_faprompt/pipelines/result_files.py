@@ -93,8 +93,11 @@ def remove_temporaries(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_json(path: Path, required: Collection[str]) -> dict[str, Any] | None:
-    """A result file's content, ``None`` if there is none; an unreadable file is set aside (``None``)."""
+def read_json(path: Path, required: Collection[str], repair: bool = True) -> dict[str, Any] | None:
+    """A result file's content, ``None`` if there is none; an unreadable file is set aside (``None``).
+
+    With ``repair=False`` (the other processes of a distributed run: rank 0 repairs) it is only read.
+    """
     if not path.is_file():
         return None
     try:
@@ -103,13 +106,17 @@ def read_json(path: Path, required: Collection[str]) -> dict[str, Any] | None:
             msg = f"not a JSON object with {sorted(required)}"
             raise ValueError(msg)
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError included
-        set_aside(path, error)
+        if repair:
+            set_aside(path, error)
         return None
     return content
 
 
-def readable_prompts(path: Path) -> bool:
-    """Whether a prompt file written by this pipeline loads (a kill can leave a truncated one); set aside if not."""
+def readable_prompts(path: Path, repair: bool = True) -> bool:
+    """Whether a prompt file written by this pipeline loads (a kill can leave a truncated one); set aside if not.
+
+    With ``repair=False`` (the other processes of a distributed run: rank 0 repairs) it is only read.
+    """
     from anomalib.utils.serialization import anomalib_safe_globals
 
     if not path.is_file():
@@ -121,7 +128,8 @@ def readable_prompts(path: Path) -> bool:
             msg = "not a prompt file"
             raise ValueError(msg)
     except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        set_aside(path, error)
+        if repair:
+            set_aside(path, error)
         return False
     return True
 

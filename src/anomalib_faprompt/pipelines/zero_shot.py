@@ -41,7 +41,8 @@ rest, so an interrupted run resumes where it stopped and a run with other settin
 rows of its own, leaving earlier results as they are. Not in the fingerprints, as they do not change
 the numbers: ``num_workers``, ``results_dir``, ``accelerator``, the models' ``visualizer``,
 ``evaluator`` and ``post_processor`` (the pipeline sets its own) and the auxiliary datasets' batch
-sizes (only the top-level ``train_batch_size`` trains). Not detected either: changes to the files
+sizes (only the top-level ``train_batch_size`` trains), nor ``devices``, ``num_nodes`` and ``strategy`` (the
+numbers agree within float rounding, see below). Not detected either: changes to the files
 under a dataset's root or to the code; use a new ``results_dir`` after those.
 
 Few-shot protocol: ``k_shot: [0, 1, 2, 4]`` and ``samplings: 5`` add rows per k > 0 and sampling, each with
@@ -59,12 +60,23 @@ file left unreadable by an earlier kill is named in a warning, moved aside as
 released by the system when the process ends, even if killed); a second run into the same folder is
 refused with the holder's pid.
 
+Several processes: ``devices: N`` (and ``num_nodes: M`` machines) run every fit and test with Lightning's DDP
+(``strategy: ddp``; ``auto`` means it too). Lightning starts the other processes by running the same
+command again, so each runs the whole pipeline and takes the same decisions; rank 0 alone holds the lock and writes
+the files, and the others read the prompts it wrote (over several machines ``results_dir`` must be on storage they
+share). ``train_batch_size`` stays the global batch of prompt learning, divided among the processes (it must be a
+multiple of their number), so prompts and metrics are those of one process within float rounding, and evaluation
+scores each image once (:mod:`anomalib_faprompt.distributed`). Baselines fitted on a target's normal images
+(PatchCore) are refused: run them in a config with ``devices: 1``.
+
 Config (YAML)::
 
     seed: 0
     accelerator: auto
+    devices: 1                             # optional: processes per machine (DDP above 1), and
+    num_nodes: 1                           # optional: machines
     max_epochs: 15
-    train_batch_size: 8
+    train_batch_size: 8                    # the global batch, over all processes
     eval_batch_size: 8
     num_workers: 4
     results_dir: results/zero_shot
@@ -87,6 +99,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -112,6 +125,7 @@ from matplotlib.figure import Figure
 from anomalib_faprompt.callbacks import RunProgressBar
 from anomalib_faprompt.components.metrics import PAPER_METRICS, paper_evaluator
 from anomalib_faprompt.data import AuxiliaryDataModule, SyntheticAD
+from anomalib_faprompt.distributed import DistributedSampling, launched_as_rank_zero
 from anomalib_faprompt.methods import METHODS, Learning
 from anomalib_faprompt.models.prompt_module import PromptLearningMixin
 from anomalib_faprompt.visualization import HeatMapVisualizer, untrained_weights_notice
@@ -158,6 +172,9 @@ CONFIG_KEYS = (
         {
             "seed",
             "accelerator",
+            "devices",
+            "num_nodes",
+            "strategy",
             "max_epochs",
             "train_batch_size",
             "eval_batch_size",
@@ -173,6 +190,10 @@ CONFIG_KEYS = (
 
 #: Model init args left out of the fingerprints: the pipeline sets its own evaluator and post-processor.
 UNFINGERPRINTED_INIT_ARGS = frozenset({"visualizer", "evaluator", "post_processor"})
+
+#: The strategies a run over several processes may use: Lightning's DDP, which starts the other processes by
+#: running the same command again, so that every process runs the pipeline.
+DISTRIBUTED_STRATEGIES = frozenset({"auto", "ddp"})
 
 
 # Datasets -----------------------------------------------------------------------------------------------------------
@@ -436,6 +457,59 @@ def plan_models(config: dict[str, Any], auxiliary: DatasetSpec, shots: list[Shot
     return variants
 
 
+def engine_arguments(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The trainer settings of every fit and test of a run, and the number of processes each runs in.
+
+    Raises:
+        ValueError: For ``devices`` or ``num_nodes`` that are not whole numbers of at least 1, or several processes
+            with a strategy other than those of :data:`DISTRIBUTED_STRATEGIES`.
+    """
+    devices, num_nodes = config.get("devices", 1), config.get("num_nodes", 1)
+    for name, value in (("devices", devices), ("num_nodes", num_nodes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            msg = f"{name} must be a whole number of at least 1 (processes per machine, machines), got {value!r}."
+            raise ValueError(msg)
+    strategy = config.get("strategy", "auto")
+    processes = devices * num_nodes
+    if processes > 1 and strategy not in DISTRIBUTED_STRATEGIES:
+        msg = (
+            f"strategy {strategy!r} cannot run zero_shot over devices x num_nodes = {processes} processes; use "
+            f"strategy: ddp, which runs the whole pipeline in every process (rank 0 writing the files)."
+        )
+        raise ValueError(msg)
+    if processes > 1:
+        strategy = "ddp"  # what "auto" chooses too, but in an interactive session (ddp_fork)
+    arguments = {"accelerator": config.get("accelerator", "auto"), "devices": devices, "num_nodes": num_nodes}
+    return arguments | {"strategy": strategy}, processes
+
+
+def check_distributed(variants: list[ModelVariant], config: dict[str, Any], processes: int) -> None:
+    """Refuse, before any work, what a run over several processes cannot compute as one process does.
+
+    Raises:
+        ValueError: For a ``train_batch_size`` (the global batch of prompt learning) that the processes cannot
+            share evenly, or an anomalib baseline fitted on the target's normal images.
+    """
+    if processes == 1:
+        return
+    batch = config.get("train_batch_size", 8)
+    if batch % processes and any(variant.learns_prompts for variant in variants):
+        msg = (
+            f"train_batch_size {batch} is the global batch of prompt learning, shared by devices x num_nodes = "
+            f"{processes} processes: make it a multiple of {processes}, so that each process takes as many images."
+        )
+        raise ValueError(msg)
+    for variant in variants:
+        if variant.learns_from_normals and not variant.prompt_learning:
+            msg = (
+                f"models[{variant.index}] ({variant.name}) is fitted on each target category's normal images, which "
+                f"zero_shot does not run over {processes} processes: anomalib's baselines do not gather what they "
+                "fit (PatchCore's memory bank would hold each process's shard of the images only). Run it in a "
+                "config of its own with devices: 1 and num_nodes: 1 (the same results_dir is fine)."
+            )
+            raise ValueError(msg)
+
+
 def _load_config(config: dict[str, Any] | str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         config = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
@@ -483,19 +557,26 @@ class ZeroShot(Pipeline):
         targets = [DatasetSpec(target, defaults) for target in config["targets"]]
         references = plan_references(targets, shots)
         results_dir = Path(config.get("results_dir", "results/zero_shot"))
-        engine_args = {"accelerator": config.get("accelerator", "auto"), "devices": 1}
+        engine_args, processes = engine_arguments(config)
+        writer = processes == 1 or launched_as_rank_zero()
 
-        with results_dir_lock(results_dir):
-            remove_temporaries(results_dir)
+        with results_dir_lock(results_dir) if writer else contextlib.nullcontext():
+            if writer:
+                remove_temporaries(results_dir)
             variants = plan_models(config, auxiliary, shots)
+            check_distributed(variants, config, processes)
             rows = []
             for variant in variants:
                 run = _ModelRun(
-                    variant, results_dir, auxiliary, targets, engine_args, defaults, seed, shots, references
-                )
+                    variant, results_dir, auxiliary, targets, engine_args, defaults, seed, shots, references,
+                    processes=processes, writer=writer,
+                )  # fmt: skip
                 rows.extend(run.rows())
             table = summarise(pd.DataFrame(rows))
-            write_results(table, results_dir)
+            if writer:
+                write_results(table, results_dir)
+        if not writer:
+            return table
         print(f"\nZero-shot results (raw scores and maps), written to {results_dir}:\n")
         print(to_markdown(table))
         print("\nFolders (settings.json, prompts.pt, rows, heat-maps):")
@@ -517,6 +598,10 @@ class _ModelRun:
     seed: int
     shots: list[Shot] = dataclasses.field(default_factory=lambda: [Shot(0, 0, None)])
     references: dict[tuple[str, str, Shot], tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    #: Processes every fit and test runs in (``devices`` x ``num_nodes``).
+    processes: int = 1
+    #: Whether this process writes the files (rank 0; the others compute the same and read them).
+    writer: bool = True
 
     def __post_init__(self) -> None:
         self.folder = self.variant.folder(self.results_dir)
@@ -566,18 +651,21 @@ class _ModelRun:
         if metrics is None:
             metrics = self._evaluate(target, category, prompts, shot)
             content = {"fingerprint": key, "settings": settings, "model": self.variant.label}
-            write_json(row_file, content | {"dataset": target.name, "category": category, "metrics": metrics})
+            if self.writer:
+                write_json(row_file, content | {"dataset": target.name, "category": category, "metrics": metrics})
         return metrics
 
     def _claim_folder(self) -> None:
         """Record the settings in ``settings.json``, or check that the folder's are these."""
-        for folder in (self.folder, self.folder / "rows"):
-            remove_temporaries(folder)
+        if self.writer:
+            for folder in (self.folder, self.folder / "rows"):
+                remove_temporaries(folder)
         path = self.folder / "settings.json"
-        content = read_json(path, required=("fingerprint",))
+        content = read_json(path, required=("fingerprint",), repair=self.writer)
         if content is None:
-            write_json(path, {"model": self.variant.name, "fingerprint": self.variant.fingerprint,
-                               "settings": self.variant.settings})  # fmt: skip
+            if self.writer:
+                write_json(path, {"model": self.variant.name, "fingerprint": self.variant.fingerprint,
+                                   "settings": self.variant.settings})  # fmt: skip
         elif content["fingerprint"] != self.variant.fingerprint:
             msg = (
                 f"'{path}' records other settings than {self.variant.label}'s (fingerprint {content['fingerprint']}, "
@@ -587,12 +675,13 @@ class _ModelRun:
             raise ValueError(msg)
 
     def _cached_metrics(self, row_file: Path, key: str) -> dict[str, float] | None:
-        content = read_json(row_file, required=("fingerprint", "metrics"))
+        content = read_json(row_file, required=("fingerprint", "metrics"), repair=self.writer)
         if content is None:
             return None
         metrics = content["metrics"]
         if not isinstance(metrics, dict) or not all(isinstance(metrics.get(name), int | float) for name in METRICS):
-            set_aside(row_file, f"expected the metrics {list(METRICS)}")
+            if self.writer:
+                set_aside(row_file, f"expected the metrics {list(METRICS)}")
             return None
         if content["fingerprint"] != key:
             msg = f"'{row_file}' holds a row of other settings (fingerprint {content['fingerprint']}, expected {key})."
@@ -601,9 +690,13 @@ class _ModelRun:
         return {name: float(metrics[name]) for name in METRICS}
 
     def _prompts(self) -> Path:
-        """The learned prompts: resumed when a readable file is there, otherwise learned now."""
+        """The learned prompts: resumed when a readable file is there, otherwise learned now.
+
+        Over several processes each learns on its share of every global batch (``train_batch_size`` divided among
+        them) and rank 0 writes the file, which the others then read.
+        """
         prompts = self.folder / "prompts.pt"
-        if readable_prompts(prompts):
+        if readable_prompts(prompts, repair=self.writer):
             logger.info("Resuming: %s prompts already learned at %s", self.variant.label, prompts)
             return prompts
         seed_everything(self.seed, workers=True, verbose=False)  # the same prompts whichever models ran before
@@ -612,7 +705,7 @@ class _ModelRun:
         datamodule = AuxiliaryDataModule(
             [self.auxiliary.datamodule(category) for category in self.auxiliary.categories],
             first_target.datamodule(first_target.categories[0]),
-            **self.defaults,
+            **{**self.defaults, "train_batch_size": self.defaults["train_batch_size"] // self.processes},
         )
         epochs = self.variant.settings["max_epochs"]
         engine = FolderEngine(max_epochs=epochs, default_root_dir=self.folder, **self.engine_args)
@@ -624,7 +717,15 @@ class _ModelRun:
                 f"max_epochs and that the auxiliary categories hold anomalous images with masks."
             )
             raise RuntimeError(msg)
-        atomic_write(prompts, model.save_prompt_weights)
+        if self.writer:
+            atomic_write(prompts, model.save_prompt_weights)
+        engine.trainer.strategy.barrier("zero_shot prompts")  # the file is complete before anyone reads it
+        if not prompts.is_file():
+            msg = (
+                f"{prompts}, written by rank 0, is not visible to this process: over several machines the "
+                f"results_dir must be on storage they all share."
+            )
+            raise FileNotFoundError(msg)
         return prompts
 
     def _shared_model(self, prompts: Path | None, shot: Shot, init_args: dict[str, Any]) -> AnomalibModule:
@@ -660,7 +761,10 @@ class _ModelRun:
         if evaluated.visualizer is not None:  # a fresh one: a visualiser keeps the folder of its first run
             evaluated.visualizer = HeatMapVisualizer(notice=self.variant.notice)
         folder = self.folder / target.name / category / (f"k{shot.k}_s{shot.sampling}" if shot.k else "")
-        engine = FolderEngine(default_root_dir=folder, **self.engine_args)
+        # A baseline gets the unrepeated evaluation shards that the prompt models bring along themselves.
+        sharded = self.processes > 1 and not self.variant.prompt_learning
+        callbacks = [RunProgressBar(), DistributedSampling()] if sharded else None
+        engine = FolderEngine(default_root_dir=folder, callbacks=callbacks, **self.engine_args)
         if evaluated.learning_type == LearningType.ONE_CLASS or self.variant.learns_from_normals:
             engine.fit(evaluated, datamodule=datamodule)
             metrics = engine.test_after_fit(evaluated, datamodule)[0]

@@ -65,7 +65,8 @@ class AnomalyCLIP(PromptLifecycleMixin, MaskSupervisedPromptLearning, AnomalibMo
         betas: Adam betas.
         allow_untrained_prompts: Allow testing/predicting with untrained prompts, loading a prompt file saved
             untrained, and saving untrained prompts (the file records them as untrained) (experiments only).
-            Prompts count as trained once an optimiser step has changed them, or when loaded trained.
+            Prompts count as trained once an optimiser step has changed them, or when loaded trained. Untrained
+            prompts are random draws: set ``seed_everything`` to compare runs.
         allow_setting_mismatch: Load ``prompt_weights`` (or a checkpoint) learned with other settings anyway.
             Prompt files and checkpoints record the CLIP architecture and weights (config hash; weights
             file size and hash of its first and last MiB, or open_clip tag), ``image_size`` and the layer and

@@ -58,7 +58,8 @@ class FAPrompt(PromptLifecycleMixin, MaskSupervisedPromptLearning, AnomalibModul
         betas: Adam betas.
         allow_untrained_prompts: Allow testing/predicting with untrained prompts, loading a prompt file saved
             untrained, and saving untrained prompts (the file records them as untrained) (experiments only).
-            Prompts count as trained once an optimiser step has changed them, or when loaded trained.
+            Prompts count as trained once an optimiser step has changed them, or when loaded trained. Untrained
+            prompts are random draws: set ``seed_everything`` to compare runs.
         allow_setting_mismatch: Load ``prompt_weights`` (or a checkpoint) learned with other settings anyway.
             Prompt files and checkpoints record the CLIP architecture and weights (config hash; weights
             file size and hash of its first and last MiB, or open_clip tag), ``image_size`` and the layer and
@@ -167,8 +168,9 @@ class FAPrompt(PromptLifecycleMixin, MaskSupervisedPromptLearning, AnomalibModul
     def training_losses(
         self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Loss terms of one prompt-learning step (``loss`` is the total)."""
+        """Loss terms of one prompt-learning step (``loss`` is the total) on this process's part of the batch."""
         output = self.model.forward_features(images)
+        shards = self.trainer.world_size if self._trainer is not None else 1
         return self.loss(
             output.static_maps,
             output.dap_maps,
@@ -178,4 +180,5 @@ class FAPrompt(PromptLifecycleMixin, MaskSupervisedPromptLearning, AnomalibModul
             output.prior,
             masks,
             labels,
+            shards=shards,
         )

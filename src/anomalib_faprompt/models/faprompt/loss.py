@@ -54,6 +54,7 @@ class FAPromptLoss(nn.Module):
         prior: torch.Tensor,
         masks: torch.Tensor,
         labels: torch.Tensor,
+        shards: int = 1,
     ) -> dict[str, torch.Tensor]:
         """Return the total loss and its terms.
 
@@ -66,12 +67,15 @@ class FAPromptLoss(nn.Module):
             prior: Prior network output Ω (B, T).
             masks: Binary ground-truth masks (B, H, W).
             labels: Image labels (B,), 1 for anomalous.
+            shards: Processes the global batch is split over (DDP). Every term but the prior's averages over the
+                batch, and DDP averages gradients over processes, which gives the global batch's mean. The prior
+                term *sums* over the normal images of the batch, so each process counts its part ``shards`` times.
         """
         loss_local = segmentation_loss(static_maps, masks) + self.dap_weight * segmentation_loss(dap_maps, masks)
         loss_image = F.cross_entropy(image_logits, labels.long())
         loss_image2 = self.binary_focal(score, labels)
         loss_orth = orthogonality_loss(abnormal_features)
-        loss_prior = (prior.pow(2).mean(dim=-1) * (labels == 0).to(prior.dtype)).sum()
+        loss_prior = shards * (prior.pow(2).mean(dim=-1) * (labels == 0).to(prior.dtype)).sum()
         total = loss_local + loss_image + loss_image2 + self.orthogonality_weight * loss_orth + loss_prior
         return {
             "loss": total,
