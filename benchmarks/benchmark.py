@@ -12,10 +12,18 @@ shots (their features encoded once beforehand, as a fit does), the others' a ste
 ``FLOPs/image × images/s ÷ measured matmul FLOP/s``, all from the same run. Peak memory is the
 allocator's peak on CUDA and the process's peak resident set size (sampled) on CPU, weights included.
 
+``--inference-compile MODE`` also times every batch size with the model setting ``inference_compile=MODE``
+(``reduce-overhead``: CUDA graphs on GPUs), each with its warm-up (compilation) and speed-up over eager.
+``--end-to-end N`` also times ``Engine.test`` on N full-size PNG images (decode, transfer, resize on the
+device, model, post-processing, metrics) against the model alone at the same batch size.
+
 Examples:
     python benchmarks/benchmark.py --config small                      # CI: ViT-B-16 at 224 (~2-4 min, 2 cores)
     python benchmarks/benchmark.py --config large                      # ViT-L-14-336 at 518 (~5-8 min, 2 cores)
     python benchmarks/benchmark.py --config large --device cuda --precision bf16 --batch-sizes 1 8 32
+    python benchmarks/benchmark.py --config large --device cuda --precision bf16 --batch-sizes 1 32 \
+        --inference-compile reduce-overhead --end-to-end 256            # batch-1 latency, compiled, engine
+    python benchmarks/benchmark.py --config base512 --batch-sizes 1 8  # CPU batching at ViT-B/16, 512 px
 
 On CPU the large configuration defaults to one timed repeat, no warm-up and a training batch of 2,
 so that it finishes in under 10 minutes on 2 cores; pass ``--repeats``/``--warmup``/
@@ -42,6 +50,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from anomalib_faprompt.clip.compiled import COMPILE_MODES
 from anomalib_faprompt.methods import METHODS as METHOD_LIST
 from anomalib_faprompt.methods import Learning
 from anomalib_faprompt.models.training_rules import NormalFewShotPromptLearning
@@ -50,6 +59,8 @@ from anomalib_faprompt.models.training_rules import NormalFewShotPromptLearning
 CONFIGS: dict[str, dict[str, Any]] = {
     "small": {"backbone": "ViT-B-16", "image_size": 224, "dpam_layers": 10, "feature_layers": (6, 12)},
     "large": {"backbone": "ViT-L-14-336", "image_size": 518, "dpam_layers": 19, "feature_layers": (6, 12, 18, 24)},
+    # The CPU batching check at ViT-B/16 (batch 8 must cost per image what batch 1 does).
+    "base512": {"backbone": "ViT-B-16", "image_size": 512, "dpam_layers": 10, "feature_layers": (6, 12)},
     # PromptAD's released backbone and size (the others with the small config's layers).
     "promptad": {"backbone": "ViT-B-16-plus-240", "image_size": 240, "dpam_layers": 10, "feature_layers": (6, 12)},
 }
@@ -246,22 +257,19 @@ def benchmark_method(
             model.encode_image(images(1), model.feature_layers)
         vision_flops_per_image = counter.get_total_flops()
 
-    if args.compile:
-        # After counting. The frozen vision encoder holds nearly all the FLOPs; one graph per batch size.
-        model.vision.compile(dynamic=False)
-
     result: dict[str, Any] = {
         "method": method,
         "gflops_per_image": flops_per_image / 1e9,
         "vision_gflops_per_image": vision_flops_per_image / 1e9,
         "inference": {},
     }
-    for batch in args.batch_sizes:
+
+    def measure_inference(batch: int) -> dict[str, float]:
         batch_images = images(batch)
         with torch.no_grad(), autocast(), PeakMemory(device) as peak:
-            seconds = timed(lambda batch_images=batch_images: model(batch_images), device, args.repeats, args.warmup)
+            seconds = timed(lambda: model(batch_images), device, args.repeats, args.warmup)
         images_per_second = batch / seconds
-        result["inference"][f"batch_{batch}"] = {
+        return {
             "seconds_per_batch": seconds,
             "seconds_per_image": seconds / batch,
             "images_per_second": images_per_second,
@@ -270,6 +278,33 @@ def benchmark_method(
             "peak_memory_mb": peak.megabytes,
         }
 
+    for batch in args.batch_sizes:
+        result["inference"][f"batch_{batch}"] = measure_inference(batch)
+    if args.inference_compile:
+        # The model setting users set (inference_compile), after counting FLOPs; each batch size compiles once,
+        # in its own untimed first call (the warm-up), then is timed as eager was.
+        model.compile_inference(args.inference_compile)
+        result["inference_compiled"] = {"mode": args.inference_compile}
+        for batch in args.batch_sizes:
+            with torch.no_grad(), autocast():
+                model(images(batch))
+            figures = measure_inference(batch)
+            eager = result["inference"][f"batch_{batch}"]
+            result["inference_compiled"][f"batch_{batch}"] = figures | {
+                "warmup_seconds": sum(
+                    seconds for key, seconds in model.compiled_vision.warmup_seconds.items() if key[0][0] == batch
+                ),
+                "speedup_vs_eager": eager["seconds_per_batch"] / figures["seconds_per_batch"],
+            }
+        warmups = model.compiled_vision.warmup_seconds
+        result["inference_compiled"]["warmup_seconds_per_input"] = {
+            str(key[0]): value for key, value in warmups.items()
+        }
+    if args.end_to_end:
+        result["end_to_end"] = end_to_end(method, config, args, device, result)
+
+    if args.no_training:
+        return result | precision_figures(model, images, autocast, args)
     if isinstance(module, NormalFewShotPromptLearning):
         batch, batch_images = args.k_shot, shots
         module.prepare_shots(shots)  # a fit encodes the k shots once; each step runs the text side only
@@ -311,9 +346,103 @@ def benchmark_method(
         "step_over_vision_forward": step_seconds / vision_seconds,
         "peak_memory_mb": peak.megabytes,
     }
-    if args.precision != "fp32":
-        result["score_difference_vs_fp32"] = precision_difference(model, images(4), autocast)
-    return result
+    return result | precision_figures(model, images, autocast, args)
+
+
+def precision_figures(
+    model: torch.nn.Module,
+    images: Callable[[int], torch.Tensor],
+    autocast: Callable[[], AbstractContextManager],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Under mixed precision, the score and map differences from fp32 (:func:`precision_difference`)."""
+    if args.precision == "fp32":
+        return {}
+    return {"score_difference_vs_fp32": precision_difference(model, images(4), autocast)}
+
+
+def end_to_end(
+    method: str, config: dict[str, Any], args: argparse.Namespace, device: torch.device, result: dict[str, Any]
+) -> dict[str, Any]:
+    """``Engine.test`` on a folder of full-size PNG images against the model alone, in images per second.
+
+    The engine path decodes the PNGs in ``--num-workers`` loader processes (pinned memory on GPUs), moves the
+    full-size batch to the device, resizes it there (anomalib's pre-processor runs on the device), runs the model,
+    post-processes and computes the default metrics; visualisation is off (it writes files, a cost of its own).
+    Two identical runs; the second is reported (the first pays one-off costs: loader start-up, lazy CUDA
+    initialisation, compilation). The model-only figure is the same batch size's inference figure of this run.
+
+    Args:
+        method: A method's short name (a key of :data:`METHODS`).
+        config: One of :data:`CONFIGS`.
+        args: Parsed command line (``end_to_end`` images, ``end_to_end_image_size``, ``num_workers``, ...).
+        device: Device to run on.
+        result: The method's report so far (its inference figures).
+
+    Returns:
+        Engine and model-only throughput and their ratio.
+    """
+    import tempfile
+
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    from anomalib_faprompt.data import generate_synthetic_dataset
+
+    batch = args.end_to_end_batch_size
+    inference = result.get("inference_compiled", result["inference"])[f"batch_{batch}"]
+    settings = accepted_settings(METHODS[method], {**config, "category": CATEGORY})
+    torch.manual_seed(0)
+    module = METHODS[method](
+        **settings,
+        pretrained=None,
+        allow_untrained_prompts=True,
+        inference_compile=args.inference_compile,
+        visualizer=False,
+    )
+    precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[args.precision]
+    with tempfile.TemporaryDirectory() as folder:
+        # Half normal, half anomalous with masks, as the metrics need both.
+        root = generate_synthetic_dataset(
+            folder,
+            categories=["stripes"],
+            n_train=1,
+            n_test=args.end_to_end // 2,
+            image_size=args.end_to_end_image_size,
+        )
+        datamodule = MVTecAD(
+            root=root, category="stripes", eval_batch_size=batch, train_batch_size=1, num_workers=args.num_workers
+        )
+        if Learning.FEW_SHOT_PROMPTS in METHOD_LIST[method].learning_types:
+            module.model.add_references(torch.randn(args.k_shot, 3, config["image_size"], config["image_size"]))
+        seconds = []
+        for _ in range(2):
+            engine = Engine(
+                accelerator=device.type,
+                devices=[device.index or 0] if device.type == "cuda" else 1,
+                precision=precision,
+                logger=False,
+                default_root_dir=folder,
+                enable_progress_bar=False,
+            )
+            start = time.perf_counter()
+            engine.test(module, datamodule=datamodule, verbose=False)
+            synchronise(device)
+            seconds.append(time.perf_counter() - start)
+        images = len(datamodule.test_data)
+    engine_rate = images / seconds[-1]
+    return {
+        "images": images,
+        "image_size": args.end_to_end_image_size,
+        "batch_size": batch,
+        "num_workers": args.num_workers,
+        "precision": precision,
+        "engine_seconds": seconds[-1],
+        "engine_seconds_first_run": seconds[0],
+        "engine_images_per_second": engine_rate,
+        "model_images_per_second": inference["images_per_second"],
+        "engine_over_model": engine_rate / inference["images_per_second"],
+    }
 
 
 def precision_difference(
@@ -359,10 +488,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (default 3; large CPU 1)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1; large CPU 0)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the vision encoder")
+    parser.add_argument(
+        "--inference-compile",
+        choices=COMPILE_MODES,
+        default=None,
+        help="also time the model with this inference_compile mode (reduce-overhead: CUDA graphs on GPUs)",
+    )
+    parser.add_argument(
+        "--end-to-end", type=int, default=0, metavar="N", help="also time Engine.test on N full-size images"
+    )
+    parser.add_argument("--end-to-end-image-size", type=int, default=900, help="side of those PNG images")
+    parser.add_argument(
+        "--end-to-end-batch-size", type=int, default=None, help="their batch size (default: the largest batch size)"
+    )
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
+    parser.add_argument("--no-training", action="store_true", help="skip the training-step figures")
     parser.add_argument("--k-shot", type=int, default=4, help="normal references of few-shot methods (PromptAD)")
     parser.add_argument("--output", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
+    # Checked before anything is measured: a large CPU run would otherwise fail after minutes.
+    if args.end_to_end and (args.end_to_end < 2 or args.end_to_end % 2):
+        parser.error(
+            "--end-to-end takes an even number of images, at least 2 (half normal, half anomalous); "
+            f"got {args.end_to_end}"
+        )
+    if args.end_to_end_batch_size is None:
+        args.end_to_end_batch_size = max(args.batch_sizes)
+    if args.end_to_end and args.end_to_end_batch_size not in args.batch_sizes:
+        parser.error(
+            f"--end-to-end-batch-size {args.end_to_end_batch_size} must be one of --batch-sizes {args.batch_sizes} "
+            "(the model-only figure it is compared with)"
+        )
     repeats, warmup, train_batch = TIMING_DEFAULTS.get((args.config, torch.device(args.device).type), DEFAULT_TIMING)
     args.repeats = repeats if args.repeats is None else args.repeats
     args.warmup = warmup if args.warmup is None else args.warmup
@@ -418,8 +574,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **config,
             "precision": args.precision,
             "pretrained": None,
-            "compile": args.compile,
+            "inference_compile": args.inference_compile,
+            "end_to_end": args.end_to_end,
             "k_shot": args.k_shot,
+            "training": not args.no_training,
             "repeats": args.repeats,
             "warmup": args.warmup,
         },

@@ -39,6 +39,30 @@ def test_benchmark_reports_latency_training_memory_and_efficiency():
 
 
 @pytest.mark.slow
+def test_benchmark_reports_compiled_latency_and_the_engine_against_the_model_alone():
+    command = [sys.executable, str(SCRIPT), "--config", "small", "--methods", "AnomalyCLIP", "--batch-sizes", "1", "2",
+               "--train-batch-size", "2", "--repeats", "1", "--warmup", "0", "--inference-compile", "default",
+               "--end-to-end", "4", "--end-to-end-image-size", "300", "--num-workers", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = json.loads(result.stdout)["results"]
+    compiled = entry["inference_compiled"]
+    assert compiled["mode"] == "default"
+    for batch in ("batch_1", "batch_2"):
+        eager, ours = entry["inference"][batch], compiled[batch]
+        assert ours["speedup_vs_eager"] == pytest.approx(eager["seconds_per_batch"] / ours["seconds_per_batch"])
+        assert ours["warmup_seconds"] > ours["seconds_per_batch"] > 0  # the first call compiled
+    assert set(compiled["warmup_seconds_per_input"]) == {"(1, 3, 224, 224)", "(2, 3, 224, 224)"}
+    end_to_end = entry["end_to_end"]
+    assert end_to_end["images"] == 4 and end_to_end["batch_size"] == 2 and end_to_end["image_size"] == 300
+    assert end_to_end["engine_images_per_second"] == pytest.approx(4 / end_to_end["engine_seconds"])
+    assert end_to_end["model_images_per_second"] == compiled["batch_2"]["images_per_second"]
+    assert end_to_end["engine_over_model"] == pytest.approx(
+        end_to_end["engine_images_per_second"] / end_to_end["model_images_per_second"]
+    )
+
+
+@pytest.mark.slow
 def test_export_benchmark_reports_parity_and_latency_of_every_backend():
     """ViT-B/16 layout (not the fixtures' small CLIP): FAPrompt's DAP path exported and within 1e-3 of torch.
 
@@ -89,3 +113,18 @@ def test_few_shot_benchmark_reports_linear_memory_and_latency_ratios():
         assert entry["bytes_per_reference"] == per_k["k_1"]["memory_bytes"]
         assert entry["add_reference_seconds"] > 0
         assert all(per_k[f"k_{k}"]["seconds_per_image_runs"] for k in (0, 1, 2))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--end-to-end", "1"], "even number of images, at least 2"),
+        (["--end-to-end", "5"], "even number of images, at least 2"),
+        (["--end-to-end", "4", "--end-to-end-batch-size", "3"], "must be one of --batch-sizes [1, 2]"),
+    ],
+)
+def test_end_to_end_settings_are_refused_before_anything_is_measured(arguments, message):
+    command = [sys.executable, str(SCRIPT), "--batch-sizes", "1", "2", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert message in result.stderr
