@@ -511,8 +511,9 @@ class PromptLifecycleMixin(ABC):
             return ", ".join(str(paths[index]) for index in indices)
         return f"images {indices} of the batch (no file paths)"
 
-    def _check_finite_input(self, batch: Batch, stage: str) -> None:
-        finite = torch.isfinite(batch.image).flatten(1).all(dim=1)
+    def _check_finite_input(self, batch: Batch, stage: str, finite: torch.Tensor | None = None) -> None:
+        if finite is None:
+            finite = torch.isfinite(batch.image).flatten(1).all(dim=1)
         if bool(finite.all()):
             return
         bad = torch.nonzero(~finite).flatten().tolist()
@@ -523,9 +524,7 @@ class PromptLifecycleMixin(ABC):
         )
         raise NonFiniteValuesError(msg)
 
-    def _check_finite_output(self, batch: Batch, predictions: Any, stage: str) -> None:
-        outputs = [predictions.pred_score.reshape(len(batch.image), -1), predictions.anomaly_map.flatten(1)]
-        finite = torch.cat([torch.isfinite(output) for output in outputs], dim=1).all(dim=1)
+    def _check_finite_output(self, batch: Batch, predictions: Any, stage: str, finite: torch.Tensor) -> None:
         if bool(finite.all()):
             return
         bad = torch.nonzero(~finite).flatten().tolist()
@@ -555,9 +554,20 @@ class PromptLifecycleMixin(ABC):
         Raises:
             NonFiniteValuesError: Naming the batch's image files (when known) with non-finite inputs or outputs.
         """
-        self._check_finite_input(batch, stage)
-        predictions = self.model(batch.image)
-        self._check_finite_output(batch, predictions, stage)
+        # One host synchronisation per batch, after the forward is queued: checking the input before it would stall
+        # an accelerator's queue on every batch. The input's verdict still comes first, and also when the forward
+        # fails on the non-finite values.
+        input_finite = torch.isfinite(batch.image).flatten(1).all(dim=1)
+        try:
+            predictions = self.model(batch.image)
+        except Exception:
+            self._check_finite_input(batch, stage, input_finite)
+            raise
+        outputs = [predictions.pred_score.reshape(len(batch.image), -1), predictions.anomaly_map.flatten(1)]
+        output_finite = torch.cat([torch.isfinite(output) for output in outputs], dim=1).all(dim=1)
+        if not bool((input_finite & output_finite).all()):
+            self._check_finite_input(batch, stage, input_finite)
+            self._check_finite_output(batch, predictions, stage, output_finite)
         return batch.update(**predictions._asdict())
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
