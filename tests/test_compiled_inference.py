@@ -82,3 +82,18 @@ def test_a_copied_or_pickled_model_compiles_around_its_own_encoder(small_clip):
         assert duplicate.compiled_vision.mode == "default"
         assert duplicate.compiled_vision.encoder is duplicate.vision is not model.vision
         assert duplicate.compiled_vision.warmup_seconds == {}
+
+
+def test_prompt_files_record_what_was_learned_not_how_a_run_executes(small_clip, released_prompts, tmp_path):
+    from anomalib_faprompt.methods import RUN_TIME_SETTINGS
+
+    compiled = build("FAPrompt", small_clip, prompt_weights=released_prompts["FAPrompt"], inference_compile="default")
+    path = compiled.save_prompt_weights(tmp_path / "prompts.pt")
+    recorded = torch.load(path, weights_only=False)["settings"]
+    assert "inference_compile" in RUN_TIME_SETTINGS
+    assert not RUN_TIME_SETTINGS & set(recorded)
+    assert recorded["image_size"] == small_clip["image_size"]  # the learned settings are there
+    eager = build("FAPrompt", small_clip, prompt_weights=path)  # loads without a settings mismatch
+    assert eager.model.compiled_vision is None
+    for name, value in compiled.model.prompt_state_dict().items():
+        torch.testing.assert_close(eager.model.prompt_state_dict()[name], value, rtol=0, atol=0)

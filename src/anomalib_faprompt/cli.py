@@ -53,6 +53,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+from anomalib_faprompt.methods import METHODS, RUN_TIME_SETTINGS, method_classes, recorded_method
+
 #: Subcommands whose ``--ckpt_path`` rebuilds the model.
 CHECKPOINT_SUBCOMMANDS = frozenset({"fit", "validate", "test", "train", "predict", "export"})
 
@@ -63,20 +65,9 @@ _SPECIAL_CHECKPOINTS = frozenset({"best", "last", "hpc", "registry"})
 # Test-time settings of few-shot references may differ too: the prompts do not depend on them.
 MAY_DIFFER = frozenset({"pretrained", "max_epochs", "k_shot", "few_shot_source", "reference_seed", "reference_weight"})
 
-#: Constructor arguments never taken from the checkpoint. ``inference_compile`` is how this run executes, not what
-#: was learned: eager unless given, and given freely (compiled outputs equal eager ones).
-NOT_FROM_CHECKPOINT = frozenset(
-    {
-        "inference_compile",
-        "prompt_weights",
-        "allow_untrained_prompts",
-        "allow_setting_mismatch",
-        "pre_processor",
-        "post_processor",
-        "evaluator",
-        "visualizer",
-    }
-)
+#: Constructor arguments never taken from the checkpoint: how this run executes (``inference_compile`` is eager
+#: unless given, and given freely: compiled outputs equal eager ones) and anomalib's components.
+NOT_FROM_CHECKPOINT = RUN_TIME_SETTINGS | {"pre_processor", "post_processor", "evaluator", "visualizer"}
 
 _MARKER = "_anomalib_faprompt_installed"
 _ARGS = "_anomalib_faprompt_args"
@@ -130,8 +121,6 @@ def checkpoint_method(checkpoint: Mapping[str, Any]) -> str | None:
     As :func:`anomalib_faprompt.methods.recorded_method`: the recorded method, or for checkpoints written before
     checkpoints recorded it, the method whose declared keys it has.
     """
-    from anomalib_faprompt.methods import recorded_method
-
     return recorded_method(checkpoint)
 
 
@@ -183,8 +172,6 @@ def settings_from_checkpoint(
     method = checkpoint_method(checkpoint)
     expected = getattr(model_class, "method_name", name)
     if method != expected:
-        from anomalib_faprompt.methods import METHODS
-
         held = f"holds a {method} checkpoint" if method else f"is not a checkpoint of {' or '.join(METHODS)}"
         hint = f"; use --model {method}" if method else ""
         msg = f"--ckpt_path '{source}' {held}, not one of {name}{hint}."
@@ -216,8 +203,6 @@ def settings_from_checkpoint(
 
 def _our_model_class(model_config: Any) -> type | None:
     """The class of ``--model`` when it is one of our methods (or a subclass of one), else ``None``."""
-    from anomalib_faprompt.methods import method_classes
-
     class_path = getattr(model_config, "class_path", None) if model_config is not None else None
     if not isinstance(class_path, str) or "." not in class_path:
         return None
@@ -309,7 +294,6 @@ def _our_classes() -> list[type]:
     from anomalib.data import AnomalibDataModule
 
     from anomalib_faprompt import data
-    from anomalib_faprompt.methods import method_classes
 
     classes: list[type] = method_classes()
     for name in getattr(data, "__all__", ()):

@@ -194,6 +194,12 @@ _ALL = (
 #: The methods by short name, in the order listed.
 METHODS: Mapping[str, Method] = MappingProxyType({method.name: method for method in _ALL})
 
+#: Constructor arguments every method shares that say how a run executes, not what was learned: prompt files do
+#: not record them and checkpoints do not pass them on (the CLI's ``--ckpt_path``), so each run chooses its own.
+RUN_TIME_SETTINGS = frozenset(
+    {"prompt_weights", "allow_untrained_prompts", "allow_setting_mismatch", "inference_compile"}
+)
+
 
 def get_method(name: str) -> Method:
     """The entry of the method named ``name`` (short name or prompt identity).

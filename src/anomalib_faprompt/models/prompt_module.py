@@ -32,6 +32,7 @@ from anomalib_faprompt.data.references import sample_normal_references
 from anomalib_faprompt.data.validation import check_masks_before_setup, validate_trainer_data
 from anomalib_faprompt.distributed import DistributedSampling, SharedWorkspace
 from anomalib_faprompt.logs import quiet_export
+from anomalib_faprompt.methods import RUN_TIME_SETTINGS
 from anomalib_faprompt.models.training_rules import ZERO_SHOT_PROTOCOL
 from anomalib_faprompt.prompt_weights import (
     NonFiniteValuesError,
@@ -606,9 +607,7 @@ class PromptLifecycleMixin(ABC):
                 "model with allow_untrained_prompts=True to save them marked as untrained."
             )
             raise UntrainedPromptsError(msg)
-        # How a run executes is not what the prompts were learned with.
-        ignored = {"prompt_weights", "allow_untrained_prompts", "allow_setting_mismatch", "inference_compile"}
-        settings = {k: v for k, v in self.hparams.items() if k not in ignored}
+        settings = {k: v for k, v in self.hparams.items() if k not in RUN_TIME_SETTINGS}
         return save_prompt_weights(self.model, path, self.method_name, settings, self.prompt_settings(), trained)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
