@@ -2,8 +2,8 @@
 
 Lightning's ``strategy="ddp"`` on CPU starts the other processes by running this script's command line again
 (``_SubprocessScriptLauncher``), which inside pytest would rerun pytest; hence a script of its own. Rank 0 writes
-``prompts.pt`` (initial and learned values), ``metrics.json`` (test metrics and the post-processor's statistics);
-every rank writes ``scored-rank<r>.json``, the images it scored in the test.
+``prompts.pt`` (initial and learned values, the gradients of each optimiser step), ``metrics.json`` (test metrics
+and the post-processor's statistics); every rank writes ``scored-rank<r>.json``, the images it scored in the test.
 
 Example:
     python tests/distributed_run.py --method FAPrompt --root data --out run --devices 2 --batch-size 2
@@ -49,6 +49,18 @@ class ScoredImages(Callback):
         (self.out / f"scored-rank{trainer.global_rank}.json").write_text(json.dumps(content))
 
 
+class OptimiserSteps(Callback):
+    """The gradients of the learned parameters each optimiser step applies (under DDP: averaged over processes)."""
+
+    def __init__(self) -> None:
+        self.gradients: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
+        del trainer, optimizer
+        parameters = pl_module.model.named_parameters()
+        self.gradients.append({name: value.grad.clone() for name, value in parameters if value.grad is not None})
+
+
 def learned_parameters(model: Any) -> dict[str, torch.Tensor]:
     """Copies of the parameters prompt learning trains."""
     return {name: value.detach().clone() for name, value in model.model.named_parameters() if value.requires_grad}
@@ -92,14 +104,15 @@ def main() -> None:
         strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=args.epochs,
         default_root_dir=args.out / "results",
-        callbacks=[ScoredImages(args.out)],
+        callbacks=[ScoredImages(args.out), steps := OptimiserSteps()],
         enable_progress_bar=False,
     )
     engine.fit(model, datamodule=data)
     metrics = engine.test(model, datamodule=data, verbose=False)[0]
     engine.trainer.strategy.barrier("scored")  # every rank's file is written before rank 0 ends the run
     if engine.trainer.is_global_zero:
-        torch.save({"initial": initial, "learned": learned_parameters(model)}, args.out / "prompts.pt")
+        learned = {"initial": initial, "learned": learned_parameters(model), "gradients": steps.gradients}
+        torch.save(learned, args.out / "prompts.pt")
         post = model.post_processor
         names = ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
         statistics = {name: float(getattr(post, name)) for name in names}

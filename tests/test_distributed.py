@@ -128,13 +128,51 @@ def one_process(data, tmp_path_factory) -> Any:
     return get
 
 
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory) -> Any:
+    """``two_processes(method)``: the method's run in two processes with a batch of 2 each (run once per module)."""
+    done: dict[str, dict[str, Any]] = {}
+
+    def get(method: str) -> dict[str, Any]:
+        if method not in done:
+            folder = tmp_path_factory.mktemp(method)
+            done[method] = run(method, data, folder, devices=2, batch_size=2)
+            done[method]["results"] = folder / "results" / method / "MVTecAD" / "disc"
+        return done[method]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=["AnomalyCLIP", "FAPrompt", "PromptAD"])
-def runs(request, data, tmp_path_factory, one_process) -> tuple[dict[str, Any], dict[str, Any]]:
+def runs(request, one_process, two_processes) -> tuple[dict[str, Any], dict[str, Any]]:
     """The runs of one method in one process (batch 4) and in two (batch 2 each)."""
-    folder = tmp_path_factory.mktemp(request.param)
-    two = run(request.param, data, folder, devices=2, batch_size=2)
-    two["results"] = folder / "results" / request.param / "MVTecAD" / "disc"
-    return one_process(request.param), two
+    return one_process(request.param), two_processes(request.param)
+
+
+def rounding_level_elements(one: dict[str, Any], two: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per learned parameter, the elements whose gradient was at the rounding level of the batch sum in some step.
+
+    One process sums a gradient over the whole batch, DDP over each process's half and then across processes:
+    the same sum in another order, equal within float rounding. Where an element's true gradient is about that
+    rounding (a sum of terms that cancel), the two values differ by a sizeable fraction of themselves, and Adam,
+    which divides each element by its own magnitude (``g / (|g| + eps)`` in a first step), turns that into updates
+    that differ by up to the learning rate (FAPrompt on these data: one element of ``prior.0.weight`` with
+    1.5e-8 against 1.7e-8 at a gradient scale of 0.09, 2.7e-5 apart afterwards). Those elements are decided by
+    rounding in any summation order; they are the ones where the two runs' gradients differ by more than 0.1 %.
+    """
+    masks = {name: torch.zeros_like(value, dtype=torch.bool) for name, value in one["prompts"]["learned"].items()}
+    for a, b in zip(one["prompts"]["gradients"], two["prompts"]["gradients"], strict=True):
+        for name in a:
+            masks[name] |= (b[name] - a[name]).abs() > 1e-3 * (a[name].abs() + 1e-8)
+    return masks
+
+
+def assert_learned_as_one_process(learned: dict[str, torch.Tensor], one: dict[str, Any], two: dict[str, Any]) -> None:
+    """``learned`` equals one process's learned values within 1e-5 but where the gradient was at rounding level."""
+    decided_by_rounding = rounding_level_elements(one, two)
+    for name, value in one["prompts"]["learned"].items():
+        kept = ~decided_by_rounding[name]
+        torch.testing.assert_close(learned[name][kept], value[kept], atol=1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.slow
@@ -142,10 +180,24 @@ def test_two_processes_learn_the_prompts_of_one(runs):
     one, two = runs
     learned, initial = one["prompts"]["learned"], one["prompts"]["initial"]
     assert learned and learned.keys() == two["prompts"]["learned"].keys()
+    # Each optimiser step applies the gradients of one process's global batch: DDP's average of the halves.
+    steps = list(zip(one["prompts"]["gradients"], two["prompts"]["gradients"], strict=True))
+    assert len(steps) >= 2  # 8 auxiliary images in global batches of 4 (PromptAD: one step per epoch, 3 epochs)
+    for gradients_one, gradients_two in steps:
+        assert gradients_one.keys() == gradients_two.keys() and set(gradients_one) <= set(learned)
+        for name, gradient in gradients_one.items():
+            scale = float(gradient.abs().max())
+            assert scale > 0, name
+            torch.testing.assert_close(gradients_two[name], gradient, atol=1e-5 * scale, rtol=0, msg=name)
+    # The learned values then agree within 1e-5, but for the few elements whose gradient was rounding (see
+    # rounding_level_elements; measured: 13 of 7,168 for AnomalyCLIP, 51 of 120,144 for FAPrompt, with gradients
+    # under 1e-3 of their parameter's largest; all but one of them agree within 1e-7 anyway).
+    decided_by_rounding = sum(int(mask.sum()) for mask in rounding_level_elements(one, two).values())
+    assert decided_by_rounding <= 0.01 * sum(value.numel() for value in learned.values())
     for name, value in learned.items():
         # Learning moved every parameter far beyond the tolerance, so agreeing is not agreeing on the start.
         assert (value - initial[name]).abs().max() > 1e-4, name
-        torch.testing.assert_close(two["prompts"]["learned"][name], value, atol=1e-5, rtol=0, msg=name)
+    assert_learned_as_one_process(two["prompts"]["learned"], one, two)
 
 
 @pytest.mark.slow
@@ -212,9 +264,11 @@ def printed_metrics(output: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_anomalib_train_and_test_over_two_processes_give_one_process_results(data, tmp_path, one_process):
+def test_anomalib_train_and_test_over_two_processes_give_one_process_results(
+    data, tmp_path, one_process, two_processes
+):
     """``anomalib train`` and ``anomalib test`` with ``--trainer.strategy ddp --trainer.devices 2``."""
-    one = one_process("FAPrompt")
+    one, two = one_process("FAPrompt"), two_processes("FAPrompt")
     clip = {**small_clip_settings(), "image_size": 112, "dpam_layers": 6}
     mvtec = "anomalib.data.MVTecAD"
     config = {
@@ -232,11 +286,13 @@ def test_anomalib_train_and_test_over_two_processes_give_one_process_results(dat
     ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
     train = run_command([ANOMALIB, "train", "--config", str(tmp_path / "train.yaml"), *ddp], devices=2)
     assert "GLOBAL_RANK: 1" in train.stdout + train.stderr
-    # The prompts and metrics of one process with twice the batch (seed_everything seeds the initial prompts).
+    # The prompts and metrics of one process with twice the batch (seed_everything seeds the initial prompts):
+    # the arithmetic of Engine's two processes exactly, so one process's values as that test bounds them.
     prompts = tmp_path / "results" / "FAPrompt" / "MVTecAD" / "disc" / "latest" / "weights" / "lightning" / "prompts.pt"
     learned = torch.load(prompts, weights_only=True)["state_dict"]
-    for name, value in one["prompts"]["learned"].items():
-        torch.testing.assert_close(learned[name], value, atol=1e-5, rtol=0, msg=name)
+    for name, value in two["prompts"]["learned"].items():
+        torch.testing.assert_close(learned[name], value, atol=1e-7, rtol=0, msg=name)
+    assert_learned_as_one_process(learned, one, two)
     trained = printed_metrics(train.stdout)
     for name in METRICS:
         assert trained[name] == pytest.approx(one["metrics"][name], abs=1e-6), name
@@ -267,7 +323,7 @@ def zero_shot_config(data: Path, results: Path, devices: int, models: list[dict]
 
 
 @pytest.mark.slow
-def test_zero_shot_over_two_processes_writes_once_the_results_of_one(data, tmp_path):
+def test_zero_shot_over_two_processes_writes_once_the_results_of_one(data, tmp_path, one_process, two_processes):
     one = ZeroShot().run_config(zero_shot_config(data, tmp_path / "one", devices=1))
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(zero_shot_config(data, tmp_path / "two", devices=2)))
@@ -280,12 +336,16 @@ def test_zero_shot_over_two_processes_writes_once_the_results_of_one(data, tmp_p
     two = pd.read_csv(tmp_path / "two" / "results.csv")
     for name in PAPER_METRICS:
         assert two[name].tolist() == pytest.approx(one[name].tolist(), abs=1e-6), name
-    # The same settings fingerprint (devices is not among them), the same prompts.
+    # The same settings fingerprint (devices is not among them), the same prompts: each run does the arithmetic of
+    # Engine's run in as many processes, whose prompts the test above compares.
     [prompts_one] = (tmp_path / "one").glob("FAPrompt/*/prompts.pt")
     prompts_two = tmp_path / "two" / prompts_one.relative_to(tmp_path / "one")
     learned = [torch.load(path, weights_only=True)["state_dict"] for path in (prompts_one, prompts_two)]
-    for name, value in learned[0].items():
-        torch.testing.assert_close(learned[1][name], value, atol=1e-5, rtol=0, msg=name)
+    engine_runs = (one_process("FAPrompt"), two_processes("FAPrompt"))
+    for pipeline, engine in zip(learned, engine_runs, strict=True):
+        for name, value in engine["prompts"]["learned"].items():
+            torch.testing.assert_close(pipeline[name], value, atol=1e-7, rtol=0, msg=name)
+    assert_learned_as_one_process(learned[1], *engine_runs)
     folder = prompts_two.parent
     assert len(list((folder / "rows").glob("*.json"))) == 1
     assert len(list((folder / "MVTecAD" / "disc" / "images").rglob("*.png"))) == 7  # each test image once
