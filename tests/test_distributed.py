@@ -361,4 +361,15 @@ def test_zero_shot_refuses_over_several_processes_what_would_differ(data, tmp_pa
     patchcore = {"class_path": "Patchcore", "init_args": {"backbone": "resnet18", "pre_trained": False}}
     with pytest.raises(ValueError, match=r"models\[1\] \(Patchcore\) .* devices: 1"):
         ZeroShot().run_config(config | {"models": [*config["models"], patchcore]})
-    assert not list((tmp_path / "results").rglob("*.pt"))  # refused before any work
+    assert not (tmp_path / "results").exists()  # refused before any work, no folder left behind
+
+
+def test_anomalib_zero_shot_refuses_a_bad_config_in_one_line(data, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(zero_shot_config(data, tmp_path / "results", devices=2) | {"train_batch_size": 3}))
+    result = subprocess.run([ANOMALIB, "zero_shot", "--config", str(config)], capture_output=True, text=True,
+                            timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith("error: train_batch_size 3 is the global batch of prompt learning")
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()

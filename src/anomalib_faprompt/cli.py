@@ -48,7 +48,8 @@ import functools
 import importlib
 import inspect
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,22 @@ def _user_error(error: BaseException, raised: list[BaseException]) -> BaseExcept
             if origin is not None and package in origin.parents:
                 return candidate
     return None
+
+
+@contextmanager
+def settings_errors_in_one_line(*also: type[BaseException]) -> Iterator[None]:
+    """End the program with ``error: <message>`` (exit status 2) for an error our code raised about its settings.
+
+    As for ``anomalib train/test``: a ``ValueError`` or ``OSError`` raised in this package (or one of ``also``)
+    becomes one line; anything else keeps its traceback.
+    """
+    try:
+        yield
+    except (ValueError, OSError, *also) as error:
+        ours = error if isinstance(error, also) else _user_error(error, [])
+        if ours is None:
+            raise
+        _exit(ours)
 
 
 def _exit(error: BaseException) -> None:

@@ -123,6 +123,7 @@ from lightning.pytorch import seed_everything
 from matplotlib.figure import Figure
 
 from anomalib_faprompt.callbacks import RunProgressBar
+from anomalib_faprompt.cli import settings_errors_in_one_line
 from anomalib_faprompt.components.metrics import PAPER_METRICS, paper_evaluator
 from anomalib_faprompt.data import AuxiliaryDataModule, SyntheticAD
 from anomalib_faprompt.distributed import DistributedSampling, launched_as_rank_zero
@@ -142,6 +143,7 @@ from .few_shot import (
 )
 from .few_shot_table import few_shot_markdown, is_few_shot, plot_few_shot, summarise_few_shot
 from .result_files import (
+    ResultsDirLockedError,
     atomic_write,
     canonical,
     file_digest,
@@ -533,8 +535,9 @@ class ZeroShot(Pipeline):
         return []
 
     def run(self, args: Any = None) -> pd.DataFrame:
-        """Run from CLI arguments (a namespace with ``config``)."""
-        return self.run_config(self._get_args(args))
+        """Run from CLI arguments (a namespace with ``config``); a bad config ends it with one ``error:`` line."""
+        with settings_errors_in_one_line(ResultsDirLockedError):
+            return self.run_config(self._get_args(args))
 
     def run_config(self, config: dict[str, Any] | str | Path) -> pd.DataFrame:
         """Run the protocol described by a config dict or YAML file; returns the results table.
@@ -560,11 +563,12 @@ class ZeroShot(Pipeline):
         engine_args, processes = engine_arguments(config)
         writer = processes == 1 or launched_as_rank_zero()
 
+        # Planned and checked before the lock: a refused config leaves no folder behind.
+        variants = plan_models(config, auxiliary, shots)
+        check_distributed(variants, config, processes)
         with results_dir_lock(results_dir) if writer else contextlib.nullcontext():
             if writer:
                 remove_temporaries(results_dir)
-            variants = plan_models(config, auxiliary, shots)
-            check_distributed(variants, config, processes)
             rows = []
             for variant in variants:
                 run = _ModelRun(
