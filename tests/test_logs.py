@@ -290,3 +290,22 @@ def test_a_users_own_warnings_still_show(user_program_output):
 def test_a_user_logging_configuration_is_kept_and_prints_each_record_once(user_program_output):
     assert user_program_output.count("one record") == 1, user_program_output
     assert "USER user: one record" in user_program_output, user_program_output
+
+
+def test_the_evaluators_device_notice_shows_once_per_process(caplog):
+    """anomalib's evaluator warns at every setup over several devices (4–10 times per DDP run and process)."""
+    from types import SimpleNamespace
+
+    from anomalib.metrics import Evaluator
+
+    from anomalib_faprompt import logs
+
+    logs.install()
+    evaluator, two_devices = Evaluator(test_metrics=[]), SimpleNamespace(num_devices=2)
+    with caplog.at_level(logging.WARNING, logger="anomalib.metrics.evaluator"):
+        for stage in ("fit", "test", "fit"):
+            evaluator.setup(two_devices, None, stage)
+        logging.getLogger("anomalib.metrics.evaluator").warning("another notice")
+        logging.getLogger("anomalib.metrics.evaluator").warning("another notice")
+    messages = Counter(record.getMessage() for record in caplog.records)
+    assert messages == {logs.EVALUATOR_DEVICE_NOTICE: 1, "another notice": 2}

@@ -10,6 +10,8 @@ one message of one logger, so everything else (and the user's own loggers) is un
 - Lightning's ``💡 Tip: …`` adverts for its cloud products: not shown;
 - anomalib's ``Initializing <Model> model.``: once per model class (``zero_shot`` builds each model three times:
   to plan, to learn the prompts, to evaluate them);
+- anomalib's ``Number of devices is greater than 1, setting compute_on_cpu to False.``: once per process (its
+  evaluator repeats it at every setup of a trainer over several devices);
 - anomalib's ``Found the dataset.``: once per dataset root, naming it (every datamodule's ``prepare_data`` logs it,
   for each category and stage);
 - anomalib's ``ckpt_path is not provided. Model weights will not be loaded.``: not shown for a prompt model whose
@@ -38,6 +40,8 @@ RANK_ZERO_LOGGERS = (
 )
 #: Per-trainer notices of Lightning shown once per process for each distinct text.
 ONCE_PER_TEXT = ("GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:")
+#: anomalib's evaluator's notice at every setup of a trainer over several devices (each fit and test, per process).
+EVALUATOR_DEVICE_NOTICE = "Number of devices is greater than 1, setting compute_on_cpu to False."
 #: Loggers of the ONNX exporter's graph passes (torch.onnx runs onnxscript's optimiser, which logs each rewrite).
 EXPORT_LOGGERS = ("onnx_ir", "onnxscript")
 
@@ -114,6 +118,24 @@ class DatasetFoundOnce(logging.Filter):
         return True
 
 
+class OncePerProcess(logging.Filter):
+    """Records with one of ``texts`` as their message: the first one only."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__()
+        self.texts, self.seen = frozenset(texts), set[str]()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether ``record`` is shown."""
+        message = record.getMessage()
+        if message not in self.texts:
+            return True
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 class CheckpointWarningForReadyPrompts(logging.Filter):
     """anomalib's ``ckpt_path is not provided`` warning, dropped for a prompt model whose prompts are usable.
 
@@ -158,6 +180,7 @@ def install() -> None:
         _add_filter(name, lightning_notices)
     _add_filter("anomalib.models.components.base.anomalib_module", ModelInitialisedOnce())
     _add_filter("anomalib.engine.engine", CheckpointWarningForReadyPrompts())
+    _add_filter("anomalib.metrics.evaluator", OncePerProcess(EVALUATOR_DEVICE_NOTICE))
     dataset_found = DatasetFoundOnce()
     datamodule_loggers = [
         name
