@@ -21,7 +21,7 @@ Examples:
     python benchmarks/benchmark.py --config small                      # CI: ViT-B-16 at 224 (~2-4 min, 2 cores)
     python benchmarks/benchmark.py --config large                      # ViT-L-14-336 at 518 (~5-8 min, 2 cores)
     python benchmarks/benchmark.py --config large --device cuda --precision bf16 --batch-sizes 1 8 32
-    python benchmarks/benchmark.py --config large --device cuda --precision bf16 --batch-sizes 1 32 \
+    python benchmarks/benchmark.py --config large --device cuda --precision bf16 --batch-sizes 1 32 \\
         --inference-compile reduce-overhead --end-to-end 256            # batch-1 latency, compiled, engine
     python benchmarks/benchmark.py --config base512 --batch-sizes 1 8  # CPU batching at ViT-B/16, 512 px
 
