@@ -183,3 +183,58 @@ def test_auxiliary_datamodule_is_left_untouched(synthetic_root):
         auxiliary=[auxiliary], target=MVTecAD(root=synthetic_root, category="disc", num_workers=0), num_workers=0
     ).setup()
     assert (labelled(auxiliary.test_data), labelled(auxiliary.val_data)) == before
+
+
+# Prompt learning on the auxiliary data: masks that say nothing, epochs nobody set ------------------------------------
+
+
+def fit_briefly(root: Path, small_clip: dict, tmp_path: Path, **engine_args) -> tuple:
+    """FAPrompt fitted by anomalib's Engine on ``stripes`` (target ``disc``) at the small CLIP's native 112 px."""
+    from anomalib.engine import Engine
+
+    from anomalib_faprompt import FAPrompt
+
+    datamodule = AuxiliaryDataModule(
+        [MVTecAD(root=root, category="stripes", num_workers=0)], MVTecAD(root=root, category="disc", num_workers=0),
+        train_batch_size=4, num_workers=0,
+    )  # fmt: skip
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False, **engine_args)
+    model = FAPrompt(**{**small_clip, "image_size": 112}, visualizer=False)
+    engine.fit(model, datamodule=datamodule)
+    return engine, model
+
+
+def test_anomalous_training_images_with_empty_masks_are_named_in_one_warning(synthetic_root, small_clip, tmp_path,
+                                                                             caplog):  # fmt: skip
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    defects = sorted(path for path in (root / "stripes" / "ground_truth").iterdir() if path.is_dir())
+    emptied = defects[0]
+    for mask in emptied.glob("*.png"):  # a broken export: every mask of one defect all zero
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(mask)))).save(mask)
+    anomalous = len(list((root / "stripes" / "ground_truth").rglob("*.png")))
+    empty = len(list(emptied.glob("*.png")))
+
+    with caplog.at_level(logging.WARNING):
+        fit_briefly(root, small_clip, tmp_path, max_epochs=1, limit_train_batches=1)
+
+    warnings = [record.getMessage() for record in caplog.records if "all-zero mask" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{empty} of the {anomalous} anomalous images of FAPrompt's training data have an "
+                                  "all-zero mask")  # fmt: skip
+    assert f"{emptied} ({empty} of {empty})" in warnings[0]
+
+
+def test_intact_masks_give_no_warning_and_unset_epochs_are_the_methods_default(synthetic_root, small_clip, tmp_path,
+                                                                               caplog):  # fmt: skip
+    """Lightning would run 1000 epochs when neither the model nor the engine sets max_epochs."""
+    with caplog.at_level(logging.INFO):
+        engine, model = fit_briefly(synthetic_root, small_clip, tmp_path, limit_train_batches=1, limit_val_batches=0)
+    assert model.default_max_epochs == 15
+    assert engine.trainer.max_epochs == 15 and engine.trainer.current_epoch == 15
+    assert "FAPrompt: max_epochs was not set (model or trainer): learning for the method's default 15 epochs" in (
+        caplog.text
+    )
+    assert "all-zero mask" not in caplog.text

@@ -201,3 +201,49 @@ def test_a_dataset_is_validated_once(widget, monkeypatch):
     truncate(widget / "widget" / "test" / "good" / "000.png")  # a changed file is checked again
     with pytest.raises(DataValidationError, match=r"good/000\.png"):
         validate_samples(frame.test_data.samples, "test split")
+
+
+# Read without an error, but not as their owner expects: named once, not refused -------------------------------------
+
+
+def test_files_mvtecad_leaves_out_are_named(widget, tmp_path, caplog):
+    from anomalib_faprompt.data.notices import skipped_image_files
+    from anomalib_faprompt.data.validation import check_masks_before_setup
+
+    good = widget / "widget" / "train" / "good"
+    Image.open(good / "000.png").convert("RGB").save(good / "100.jpg")
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(good / "001.png", outside)
+    (good / "101.png").symlink_to(outside)
+    datamodule = MVTecAD(root=widget, category="widget", num_workers=0)
+    datamodule.setup()
+    listed = {Path(path).name for path in datamodule.train_data.samples.image_path}
+    assert {"100.jpg", "101.png"}.isdisjoint(listed)  # anomalib leaves them out without a word
+
+    assert skipped_image_files(datamodule) == [
+        f"{good / '100.jpg'} (.jpg files are not read)",
+        f"{good / '101.png'} (a link to {outside}, outside the category folder)",
+    ]
+    with caplog.at_level("WARNING"):
+        check_masks_before_setup(datamodule)
+        check_masks_before_setup(datamodule)
+    notices = [record.getMessage() for record in caplog.records if "are not in the data" in record.getMessage()]
+    assert len(notices) == 1 and "2 image file(s) under" in notices[0] and "Convert them to PNG" in notices[0]
+
+
+def test_images_with_an_exif_orientation_are_named_once(widget, caplog):
+    image = widget / "widget" / "test" / "spot" / "000.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90° by a viewer
+    with Image.open(image) as opened:
+        opened.save(image, exif=exif)
+    table = samples(image, widget / "widget" / "ground_truth" / "spot" / "000_mask.png")
+    with caplog.at_level("WARNING"):
+        validate_samples(table, "test split")
+        validate_samples(table, "test split")
+    notices = [record.getMessage() for record in caplog.records if "EXIF orientation" in record.getMessage()]
+    assert notices == [
+        f"1 image(s) of test split carry an EXIF orientation (a viewer rotates or flips them), which anomalib's image "
+        f"reader ignores: the model sees them as stored, and masks drawn on the rotated view do not match them: "
+        f"{image}. Save them rotated (PIL.ImageOps.exif_transpose) if their masks were drawn that way."
+    ]

@@ -11,7 +11,7 @@ from anomalib.engine import Engine
 
 from anomalib_faprompt import AnomalyCLIP, FAPrompt
 from anomalib_faprompt.clip import WeightsNotFoundError
-from anomalib_faprompt.models.prompt_module import UntrainedPromptsError
+from anomalib_faprompt.models.readiness import UntrainedPromptsError
 
 
 def anomaly_clip(small_clip, **kwargs) -> AnomalyCLIP:

@@ -15,13 +15,17 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.metrics.base import AnomalibMetric
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics.classification import BinaryAveragePrecision
+
+logger = logging.getLogger(__name__)
 
 #: The four metrics of the AnomalyCLIP and FAPrompt papers, as reported by every path of this project.
 PAPER_METRICS = ("image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO")
@@ -137,6 +141,99 @@ class RawOutputEvaluator(Evaluator):
         """Update the test metrics of labels and masks (and raw ones not updated before post-processing)."""
         del trainer, pl_module, outputs, args, kwargs
         self.update(self.test_metrics, batch, raw=False)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log the validation metrics; undefined ones as NaN (see :meth:`log_metrics`)."""
+        del pl_module
+        self.log_metrics(self.val_metrics, trainer, "validation")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log the test metrics; undefined ones as NaN (see :meth:`log_metrics`)."""
+        del pl_module
+        self.log_metrics(self.test_metrics, trainer, "test")
+
+    def log_metrics(self, metrics: Sequence[AnomalibMetric], trainer: Trainer, split: str) -> None:
+        """Log each metric as anomalib's evaluator does, but an undefined one as NaN with a notice, never as 0.
+
+        AUROC, AP and AUPRO rank anomalous against normal samples: without both among the targets (a split of only
+        normal or only anomalous images, a single image, masks without an anomalous pixel) they are undefined, and
+        torchmetrics returns 0 for them. F1 is undefined without anomalous samples. The notice names the metric,
+        the data and the counts.
+        """
+        for metric in metrics:
+            reason = undefined_reason(metric)
+            value: Any = metric if reason is None else torch.tensor(float("nan"))
+            self.log(metric.name, value, sync_dist=reason is not None and trainer.world_size > 1)
+            if trainer.barebones:  # logging is off there: anomalib fills the trainer's metrics itself
+                computed = metric.compute() if reason is None else value
+                trainer.callback_metrics[metric.name] = computed
+                trainer.logged_metrics[metric.name] = computed
+            if reason is None:
+                continue
+            metric.reset()
+            if trainer.is_global_zero:
+                logger.warning(
+                    "%s is undefined on %s (%s split): %s. Reported as NaN, not as a number.",
+                    metric.name,
+                    data_name(trainer),
+                    split,
+                    reason,
+                )
+
+
+def class_counts(metric: AnomalibMetric) -> tuple[int, int] | None:
+    """(normal, anomalous) samples among the targets a metric holds, over every process; ``None`` if it cannot say.
+
+    Ranking metrics (AUROC, AP, AUPRO) keep their targets (``target``); stat-score metrics (F1) count
+    ``tp``/``fp``/``tn``/``fn``. Images count for image metrics, pixels for pixel metrics.
+    """
+    with metric.sync_context(should_sync=True, should_unsync=True):
+        state = metric.metric_state
+        if "target" in state:
+            targets = state["target"] if isinstance(state["target"], list) else [state["target"]]
+            anomalous = sum(int((target > 0).sum()) for target in targets)
+            return sum(target.numel() for target in targets) - anomalous, anomalous
+        if {"tp", "fp", "tn", "fn"} <= state.keys():
+            return int(state["fp"].sum() + state["tn"].sum()), int(state["tp"].sum() + state["fn"].sum())
+    return None
+
+
+def undefined_reason(metric: AnomalibMetric) -> str | None:
+    """Why ``metric`` is undefined on the data it was updated with, or ``None`` when it is defined (or unknown).
+
+    Example:
+        >>> import torch
+        >>> from anomalib.data import ImageBatch
+        >>> metric = AUROC(fields=["pred_score", "gt_label"], prefix="image_")
+        >>> batch = ImageBatch(image=torch.rand(2, 3, 8, 8), pred_score=torch.rand(2), gt_label=torch.zeros(2).long())
+        >>> metric.update(batch)
+        >>> undefined_reason(metric)
+        'its 2 images are all normal, and image_AUROC needs normal and anomalous ones'
+    """
+    if not metric.update_called:
+        return None  # not updated (e.g. pixel metrics without masks): anomalib's own handling
+    counts = class_counts(metric)
+    if counts is None:
+        return None
+    normal, anomalous = counts
+    unit = "pixels" if "mask" in metric.fields[-1] else "images"
+    needs_both = "tp" not in metric.metric_state
+    if needs_both and (normal == 0 or anomalous == 0):
+        kind = "normal" if anomalous == 0 else "anomalous"
+        return f"its {normal + anomalous} {unit} are all {kind}, and {metric.name} needs normal and anomalous ones"
+    if anomalous == 0:
+        return f"its {normal} {unit} are all normal, and {metric.name} needs anomalous ones"
+    return None
+
+
+def data_name(trainer: Trainer) -> str:
+    """The dataset and category a trainer evaluates (``MVTecAD/bottle``), for messages."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        return "the data given to the trainer"
+    name = getattr(datamodule, "name", type(datamodule).__name__)
+    category = getattr(datamodule, "category", None)
+    return f"{name}/{category}" if category else str(name)
 
 
 def paper_evaluator() -> RawOutputEvaluator:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from anomalib.data import AnomalibDataModule
 
+from anomalib_faprompt.compat import read_splits
+
 from .validation import find_unmasked_images, refusal, validate_samples
 
 if TYPE_CHECKING:
@@ -84,7 +86,7 @@ def _labelled_images(datamodule: AnomalibDataModule) -> AnomalibDataset:
     for subset in ("train_data", "val_data", "test_data"):
         reader.__dict__.pop(subset, None)
     # anomalib's hook that reads the splits from disk; setup() would then apply the split modes.
-    _set_up(datamodule, "auxiliary", reader._setup)
+    _set_up(datamodule, "auxiliary", lambda: read_splits(reader))
     datasets = [reader.test_data]
     if "val_data" in reader.__dict__:  # a validation directory of its own (val_split_mode=from_dir)
         datasets.append(reader.val_data)

@@ -23,7 +23,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from anomalib.data import MVTecAD
@@ -186,6 +186,11 @@ class SyntheticAD(MVTecAD):
         >>> datamodule.name, len(datamodule.train_data), len(datamodule.test_data)
         ('SyntheticAD', 2, 4)
     """
+
+    #: The categories it can write: what ``categories: all`` means for it in a ``zero_shot`` config.
+    categories_available: ClassVar[tuple[str, ...]] = tuple(CATEGORIES)
+    #: Its ``prepare_data`` writes a missing category (the ``zero_shot`` pipeline calls it before looking for it).
+    writes_categories: ClassVar[bool] = True
 
     def __init__(
         self,

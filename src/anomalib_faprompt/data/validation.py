@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from PIL import Image
 
+from .notices import warn_rotated, warn_skipped_files
+
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
@@ -54,6 +56,8 @@ _WIDE_MODES = {
     "I": "32-bit integer greyscale",
     "F": "32-bit floating-point greyscale",
 }
+#: The EXIF tag of an image's orientation.
+EXIF_ORIENTATION = 0x0112
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"
 _SHOWN_PROBLEMS = 10
@@ -68,6 +72,8 @@ class _FileInfo:
     size: tuple[int, int] | None = None
     mode: str | None = None
     problem: str | None = None
+    #: EXIF orientation (1: as stored; 2-8: a viewer flips or rotates it, anomalib does not), if the file has one.
+    orientation: int | None = None
 
 
 def _ends_completely(path: Path, image_format: str | None) -> bool:
@@ -91,13 +97,14 @@ def _inspect(path: str) -> _FileInfo:
     try:
         with Image.open(file) as image:
             size, mode = image.size, image.mode
+            orientation = image.getexif().get(EXIF_ORIENTATION)
             if not _ends_completely(file, image.format):
                 image.load()  # decodes in full; raises on truncated data
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as error:
         return _FileInfo(
             problem=f"is truncated or damaged (PIL: {error}); re-export or re-download it, or remove it from the data"
         )
-    return _FileInfo(size=size, mode=mode)
+    return _FileInfo(size=size, mode=mode, orientation=orientation)
 
 
 _inspected: dict[tuple[str, int, int], _FileInfo] = {}
@@ -198,6 +205,7 @@ def validate_samples(samples: pd.DataFrame, description: str) -> None:
             problems.append(problem)
     if problems:
         raise refusal(problems, description)
+    warn_rotated([path for path in image_paths if (_inspect_once(path).orientation or 1) != 1], description)
 
 
 def find_unmasked_images(datamodule: Any) -> list[str]:
@@ -294,6 +302,8 @@ def check_masks_before_setup(datamodule: Any) -> None:
     if problems:
         category = getattr(datamodule, "category", None)
         raise refusal(problems, f"data {type(datamodule).__name__}(category={category!r})")
+    for part in [*getattr(datamodule, "auxiliary", ()), getattr(datamodule, "target", datamodule)]:
+        warn_skipped_files(part)
 
 
 def validate_trainer_data(trainer: Trainer | None, stage: str) -> None:
