@@ -1,31 +1,28 @@
 """Register anomalib-faprompt with anomalib when anomalib's own modules are first imported.
 
-Installed at the top of site-packages and imported by ``anomalib_faprompt_autoload.pth`` at
-interpreter start-up. It uses the standard library only and imports nothing else until a
-program imports ``anomalib.models`` (models: ``--model FAPrompt``) or ``anomalib.cli.pipelines``
-(the ``anomalib zero_shot`` subcommand), so unrelated programs pay nothing.
+Installed at the top of site-packages and imported by ``anomalib_faprompt_autoload.pth`` at interpreter start-up.
+It uses the standard library only and does nothing until a program imports one of three anomalib modules. Once
+one has loaded, it adds what the plugin provides, and changes nothing else (anomalib's logging, warnings and
+other models stay as they are):
 
-It also keeps anomalib's console readable (see ``anomalib_faprompt.logs``): before ``anomalib.models`` loads,
-it silences the few third-party deprecation warnings that importing it (and running Lightning) prints at every
-start (:data:`THIRD_PARTY_WARNINGS`, matched by message, category and module, so a program's own warnings still
-show); when ``anomalib.loggers`` loads, its ``configure_logger`` is made to leave one console handler per logger
-(:func:`_one_console_handler`); once ``anomalib.models`` has loaded, ``anomalib_faprompt.logs.install`` adds its
-log filters.
+- ``anomalib.models``: ``import anomalib_faprompt``, which registers the models (``--model FAPrompt``,
+  ``get_model("FAPrompt")``) and datamodules when its import completes;
+- ``anomalib.cli.pipelines``: the ``anomalib zero_shot`` subcommand;
+- ``anomalib.cli.cli``: the CLI's handling of our models' checkpoints and errors (inert for other models).
+
+The ``anomalib zero_shot`` subcommand is this package's own: when a program runs it (``anomalib zero_shot ...``),
+the deprecation warnings that importing anomalib prints at every start (:data:`IMPORT_WARNINGS`) are silenced for
+it. Where start-up hooks do not run (``python -S``, some packagers) import ``anomalib_faprompt`` first, or give
+full class paths (``--model anomalib_faprompt.FAPrompt``).
 """
 
 import sys
 
-_HOOKS = {
-    "anomalib.models": "register",
-    "anomalib.cli.pipelines": "register_pipelines",
-    "anomalib.cli.cli": "register_cli",  # --ckpt_path rebuilds our models; their errors in one line
-}
+WATCHED = ("anomalib.models", "anomalib.cli.pipelines", "anomalib.cli.cli")
 
-#: Deprecation warnings about code that neither a user nor this package can change, printed at every start of a
-#: program that imports ``anomalib.models`` (which ``--model FAPrompt`` and ``zero_shot`` need) or runs Lightning:
-#: ``(message regex, category, regex of the module the warning is attributed to)``. Each names one warning of one
-#: module, so the same text warned by other code, and any other warning, still shows.
-THIRD_PARTY_WARNINGS = (
+#: Deprecation warnings that importing ``anomalib.models`` prints at every start, about code neither a user nor
+#: this package can change: ``(message regex, category, regex of the module the warning is attributed to)``.
+IMPORT_WARNINGS = (
     # anomalib.models.image.cfm imports timm.models.layers, which timm 1.0 renamed timm.layers.
     (r"Importing from timm\.models\.layers is deprecated", FutureWarning, r"timm\.models\.layers\Z"),
     # anomalib.models.image.dinomaly imports anomalib's own deprecated dinov2 package.
@@ -34,82 +31,40 @@ THIRD_PARTY_WARNINGS = (
         FutureWarning,
         r"anomalib\.models\.image\.dinomaly\.",
     ),
-    # Lightning's pytree helper builds torch's deprecated LeafSpec in every fit, validation and test loop.
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree\Z"),
 )
 
 
-def quiet_third_party_warnings() -> None:
-    """Ignore :data:`THIRD_PARTY_WARNINGS` (idempotent: ``warnings`` drops an identical filter before adding it)."""
+def runs_our_subcommand(argv: list[str] | None = None) -> bool:
+    """Whether this process is ``anomalib zero_shot ...``, this package's own subcommand."""
+    argv = sys.argv if argv is None else argv
+    program = argv[0].replace("\\", "/").rsplit("/", 1)[-1] if argv else ""
+    return program in {"anomalib", "anomalib.exe"} and argv[1:2] == ["zero_shot"]
+
+
+def _quiet_import_warnings() -> None:
     import warnings
 
-    for message, category, module in THIRD_PARTY_WARNINGS:
+    for message, category, module in IMPORT_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
-def _is_rich_handler(handler) -> bool:
-    return type(handler).__name__ == "RichHandler"
+def _register() -> None:
+    """Register what anomalib has loaded so far (importing the package does it when its import completes)."""
+    if "anomalib_faprompt" not in sys.modules:
+        import anomalib_faprompt  # noqa: F401
 
-
-def _one_console_handler(loggers_module) -> None:
-    """Make ``anomalib.loggers.configure_logger`` leave each record one console handler.
-
-    anomalib's ``configure_logger`` (called by the ``anomalib`` CLI before anything else) runs
-    ``logging.basicConfig`` *and* adds a ``RichHandler`` to the root logger, and adds another ``RichHandler`` next to
-    Lightning's own stream handler on ``lightning.pytorch``: every record is printed twice, once plain on stderr and
-    once by rich on stdout. After it runs, the plain handlers it doubled are removed and rich, anomalib's intended
-    console, stays. Where the program had configured logging itself before (the root logger had handlers), its
-    configuration is kept and the rich handlers are removed instead.
-    """
-    import functools
-    import logging
-
-    configure = getattr(loggers_module, "configure_logger", None)
-    if configure is None or getattr(configure, "one_console_handler", False):
         return
-
-    @functools.wraps(configure)
-    def configure_logger(*args, **kwargs):
-        root, lightning = logging.getLogger(), logging.getLogger("lightning.pytorch")
-        configured_before = bool(root.handlers)
-        before = {logger: list(logger.handlers) for logger in (root, lightning)}
-        configure(*args, **kwargs)
-        for logger, handlers in before.items():
-            added = [handler for handler in logger.handlers if handler not in handlers]
-            if not any(_is_rich_handler(handler) for handler in added):
-                continue
-            if configured_before:
-                doubled = [handler for handler in added if _is_rich_handler(handler)]
-            elif logger is root:
-                doubled = [handler for handler in added if not _is_rich_handler(handler)]  # basicConfig's
-            else:  # the stream handler Lightning adds to its logger when the root logger has none
-                doubled = [h for h in handlers if type(h) is logging.StreamHandler and not logger.propagate]
-            for handler in doubled:
-                logger.removeHandler(handler)
-
-    configure_logger.one_console_handler = True
-    loggers_module.configure_logger = configure_logger
-
-
-def _install_log_filters() -> None:
-    from anomalib_faprompt import logs
-
-    logs.install()
-
-
-#: Run before a watched module loads.
-_BEFORE = {"anomalib.models": quiet_third_party_warnings, "anomalib.cli.pipelines": quiet_third_party_warnings}
-#: Run with the module once it has loaded (besides its registration hook, if any).
-_AFTER = {"anomalib.loggers": _one_console_handler, "anomalib.models": lambda module: _install_log_filters()}
+    registration = sys.modules.get("anomalib_faprompt.registration")
+    if registration is not None and hasattr(registration, "register_loaded"):
+        registration.register_loaded()
 
 
 class _RegisteringLoader:
-    """Runs the real loader of a watched module between its start-up steps, then the matching registration."""
+    """Runs the real loader of a watched module, then registers."""
 
     def __init__(self, loader, name):
         self._loader = loader
         self._name = name
-        self._hook = _HOOKS.get(name)
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -118,25 +73,11 @@ class _RegisteringLoader:
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        if self._name in _BEFORE:
-            _BEFORE[self._name]()
+        if self._name == "anomalib.models" and runs_our_subcommand():
+            _quiet_import_warnings()
         self._loader.exec_module(module)
-        if self._name in _AFTER:
-            try:
-                _AFTER[self._name](module)
-            except Exception as error:  # a quieter console is never worth breaking anomalib
-                import warnings
-
-                warnings.warn(f"anomalib-faprompt could not adjust anomalib's logging: {error!r}", stacklevel=2)
-        if self._hook is None:
-            return
-        package = sys.modules.get("anomalib_faprompt")
-        if package is not None and getattr(getattr(package, "__spec__", None), "_initializing", False):
-            return  # anomalib_faprompt is being imported and registers itself when its import completes
         try:
-            from anomalib_faprompt import registration
-
-            getattr(registration, self._hook)()
+            _register()
         except Exception as error:  # never break anomalib itself
             import warnings
 
@@ -145,7 +86,7 @@ class _RegisteringLoader:
 
 class _Finder:
     def __init__(self):
-        self.pending = {name for name in (*_HOOKS, *_BEFORE, *_AFTER) if name not in sys.modules}
+        self.pending = {name for name in WATCHED if name not in sys.modules}
 
     def find_spec(self, name, path, target=None):
         if name not in self.pending:

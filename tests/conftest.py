@@ -51,11 +51,11 @@ def small_promptad() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def method_settings(small_clip, small_promptad) -> dict[str, dict[str, Any]]:
-    """Per method of the method list, constructor settings of a small random CLIP (tests parametrised over it)."""
-    from anomalib_faprompt.methods import METHODS
+    """Per built-in method, constructor settings of a small random CLIP (tests parametrised over the methods)."""
+    from anomalib_faprompt.methods import BUILT_IN_METHODS
 
     settings = {"AnomalyCLIP": small_clip, "FAPrompt": small_clip, "PromptAD": small_promptad}
-    missing = set(METHODS) - set(settings)
+    missing = set(BUILT_IN_METHODS) - set(settings)
     assert not missing, f"give the small CLIP settings of {missing} here"
     return settings
 
@@ -117,3 +117,22 @@ def write_tiny_mvtec(root: Path, category: str = "widget", size: int = 64, seed:
 def tiny_mvtec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of a tiny MVTec-AD-layout dataset with one category, ``widget``."""
     return write_tiny_mvtec(tmp_path_factory.mktemp("mvtec"))
+
+
+def flip_tensor_byte(path: Path) -> str:
+    """Flip one bit in the middle of the largest tensor's bytes of a torch archive, in place; returns that member.
+
+    The archive's structure (zip directory, pickled metadata) stays valid: only the numbers change, as with bit rot
+    or a copy that went wrong, and ``torch.load`` still reads the file.
+    """
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda i: i.file_size)
+    content = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", content[member.header_offset + 26 : member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length
+    content[start + member.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(content))
+    return member.filename

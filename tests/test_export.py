@@ -22,7 +22,7 @@ from anomalib.engine import Engine
 from lightning.pytorch import Trainer
 
 from anomalib_faprompt import AnomalyCLIP, FAPrompt
-from anomalib_faprompt.models.prompt_module import UntrainedPromptsError
+from anomalib_faprompt.models.readiness import UntrainedPromptsError
 from anomalib_faprompt.prompt_weights import load_prompt_weights
 
 METHODS = {"AnomalyCLIP": AnomalyCLIP, "FAPrompt": FAPrompt}

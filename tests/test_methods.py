@@ -91,12 +91,12 @@ def test_get_model_builds_every_method(name, method_settings):
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_learning_type_is_one_the_entry_declares(name, method_settings, released_prompts):
-    declared = {learning.anomalib_learning_type for learning in METHODS[name].learning_types}
+    declared = {learning.anomalib_learning_type for learning in METHODS[name].load().learning_types}
     assert build(name, method_settings).learning_type in declared  # learns its prompts on auxiliary data
     if METHODS[name].released_prompts is not None:
         loaded = build(name, method_settings, prompt_weights=released_prompts[name])
         assert loaded.learning_type in declared
-        assert Learning.ZERO_SHOT in METHODS[name].learning_types
+        assert Learning.ZERO_SHOT in METHODS[name].load().learning_types
 
 
 def test_unknown_method_names_the_known_ones():

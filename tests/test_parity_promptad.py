@@ -55,7 +55,7 @@ def make_model(golden, tmp_path_factory):
     weights = GOLDEN / golden["clip_weights"]
     depth = golden["open_clip_config"]["vision_cfg"]["layers"]
     # The release runs the dual path on every block; its memory hooks on blocks b read block b + 1's residual after
-    # attention (0-indexed, SPEC_PromptAD §3.1), i.e. block b + 2 counted from 1.
+    # attention (0-indexed, PromptAD README, Method), i.e. block b + 2 counted from 1.
     assert sorted(settings["vv_surgery_blocks"]) == list(range(depth))
 
     def make() -> PromptAD:

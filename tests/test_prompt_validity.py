@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from anomalib_faprompt import AnomalyCLIP, FAPrompt
-from anomalib_faprompt.models.prompt_module import UntrainedPromptsError
+from anomalib_faprompt.models.readiness import UntrainedPromptsError
 from anomalib_faprompt.prompt_weights import NonFiniteValuesError, SettingsMismatchError
 
 LAYERS = (2, 4, 6, 8)
@@ -321,5 +321,5 @@ def test_truncated_prompt_file_is_refused_naming_it(own_prompt_file, small_clip,
     truncated = tmp_path / "prompts.pt"
     data = own_prompt_file.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"Could not read prompt weights from '.*prompts\.pt'.*truncated or damaged"):
+    with pytest.raises(ValueError, match=r"Prompt weights file '.*prompts\.pt' is truncated or damaged"):
         anomaly_clip(small_clip, prompt_weights=truncated)

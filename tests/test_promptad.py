@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from anomalib.data import InferenceBatch, MVTecAD
+from anomalib.data.utils import read_image
 from anomalib.engine import Engine
 from lightning.pytorch import Trainer
 from sklearn.metrics import roc_auc_score
@@ -324,14 +325,29 @@ def test_predict_on_a_folder_from_a_checkpoint_uses_its_memory(fitted, tiny_mvte
     predictions = engine.predict(fresh, ckpt_path=fitted["checkpoint"], data_path=folder)
     scores = torch.cat([batch.pred_score for batch in predictions])
     paths = [path for batch in predictions for path in batch.image_path]
-    from anomalib.data.utils import read_image
-
     raw = torch.stack([read_image(path, as_tensor=True) for path in paths])
     model = fitted["model"]
     with torch.no_grad():
         output = model.model(model.pre_processor.transform(raw))
         expected = model.post_processor(InferenceBatch(pred_score=output.pred_score, anomaly_map=output.anomaly_map))
     torch.testing.assert_close(scores, expected.pred_score, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_asked_for_another_k_rebuilds_its_memory_or_refuses_naming_both(fitted, tiny_mvtec, tmp_path):
+    """Learned with k = 2, asked for k = 1: with a train split the memory is rebuilt from one image; predicting on
+    a folder (no train split) would score against the stored 2-image memory, so it is refused."""
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False)
+    folder = tiny_mvtec / "widget" / "test" / "spot"
+    model = PromptAD.load_from_checkpoint(fitted["checkpoint"], k_shot=1)
+    assert model.model.reference_count == K_SHOT
+    with pytest.raises(ValueError, match=rf"k_shot=1 was asked, but the visual memory .* holds {K_SHOT} reference "
+                                         rf"image\(s\).*Use k_shot={K_SHOT}"):  # fmt: skip
+        engine.predict(model, data_path=folder)
+
+    engine.test(model, datamodule=datamodule(tiny_mvtec))
+    assert model.model.reference_count == 1 and len(model.reference_files) == 1
+    shot = model.pre_processor.transform(read_image(model.reference_files[0], as_tensor=True))[None]
+    torch.testing.assert_close(model.model.references.bank, model.model.encode_features(shot).memory.flatten(1, 2))
 
 
 def test_default_thresholds_before_calibration_cover_the_half_harmonic_range(small_promptad):

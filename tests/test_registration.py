@@ -49,3 +49,31 @@ print("resolved")
     result = run(sys.executable, "-c", code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resolved" in result.stdout
+
+
+#: Runs first in a process whose start-up hook is off, as with ``python -S`` or packagers that skip ``.pth`` files.
+WITHOUT_HOOK = (
+    "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ != '_anomalib_faprompt_autoload']\n"
+)
+
+
+def without_hook(main: str, *arguments: str) -> subprocess.CompletedProcess:
+    code = WITHOUT_HOOK + f"from {main} import main\nsys.argv = ['anomalib', *sys.argv[1:]]\nmain()\n"
+    return run(sys.executable, "-c", code, *arguments)
+
+
+def test_without_the_start_up_hook_full_class_paths_and_anomalib_faprompt_work(small_clip, released_prompts,
+                                                                              tiny_mvtec):  # fmt: skip
+    """Plain ``anomalib`` does not know the short name; the full class path and ``anomalib-faprompt`` do."""
+    model = [f"--model.{key}={value}" for key, value in small_clip.items()]
+    arguments = [*model, "--model.prompt_weights", str(released_prompts["FAPrompt"]), "--data", "MVTecAD",
+                 "--data.root", str(tiny_mvtec), "--data.category", "widget", "--data.num_workers", "0",
+                 "--trainer.logger", "false"]  # fmt: skip
+    short = without_hook("anomalib.cli.cli", "test", "--model", "FAPrompt", *arguments)
+    assert short.returncode != 0 and "FAPrompt" in short.stderr, short.stderr[-2000:]
+    metrics = []
+    for main, name in (("anomalib.cli.cli", "anomalib_faprompt.FAPrompt"), ("anomalib_faprompt.cli", "FAPrompt")):
+        result = without_hook(main, "test", "--model", name, *arguments)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics.append([line for line in result.stdout.splitlines() if "image_AUROC" in line])
+    assert metrics[0] == metrics[1] and len(metrics[0]) == 1

@@ -1,4 +1,4 @@
-"""anomalib-faprompt: AnomalyCLIP and FAPrompt zero-shot anomaly detection for anomalib.
+"""anomalib-faprompt: CLIP prompt methods for anomalib, AnomalyCLIP and FAPrompt (zero-shot) and PromptAD (few-shot).
 
 Importing the package registers the models with anomalib (``get_model("FAPrompt")``, the CLI's
 ``--model FAPrompt``); after ``pip install`` this also happens automatically the first time a
@@ -12,15 +12,13 @@ Example:
     'FAPrompt'
 """
 
-import sys
 from typing import Any
 
 from .methods import METHODS
 from .registration import register, register_pipelines
 
 register()
-if "anomalib.cli.pipelines" in sys.modules:
-    register_pipelines()
+register_pipelines()  # when anomalib.cli.pipelines has loaded; otherwise the start-up hook does it then
 
 __all__ = [*METHODS, "register"]
 __version__ = "0.1.0"

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 
+from anomalib_faprompt.compat import attached_trainer, rich_bar_settings
+
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
@@ -85,9 +87,7 @@ class RunProgressBar(RichProgressBar):
     @classmethod
     def like(cls, bar: RichProgressBar) -> RunProgressBar:
         """A bar with ``bar``'s settings (refresh rate, leave, theme, console)."""
-        run_bar = cls(
-            refresh_rate=bar.refresh_rate, leave=bar._leave, theme=bar.theme, console_kwargs=bar._console_kwargs
-        )
+        run_bar = cls(refresh_rate=bar.refresh_rate, theme=bar.theme, **rich_bar_settings(bar))
         if not bar.is_enabled:
             run_bar.disable()
         return run_bar
@@ -133,7 +133,7 @@ def hand_over_callbacks(module: LightningModule, callbacks: list[Callback]) -> l
       not callbacks passed to the trainer, about which Lightning's "will override existing callbacks passed to
       Trainer" note is meant. Callbacks the user passed still get that note.
     """
-    trainer = getattr(module, "_trainer", None)
+    trainer = attached_trainer(module)
     if trainer is None:
         return callbacks
     handed_over = {id(callback) for callback in callbacks}

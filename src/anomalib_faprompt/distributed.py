@@ -39,9 +39,15 @@ from typing import TYPE_CHECKING, Any
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import Callback
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler, UnrepeatedDistributedSamplerWrapper
-from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
-from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from anomalib_faprompt.compat import (
+    DataLoaderSource,
+    loop_data_source,
+    set_default_root_dir,
+    set_loop_data_source,
+    update_dataloader,
+)
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -94,7 +100,7 @@ def _training_loader(loader: DataLoader, num_replicas: int, rank: int) -> DataLo
     permutation = DistributedSampler(
         loader.dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=training_seed()
     )
-    return _update_dataloader(loader, permutation)
+    return update_dataloader(loader, permutation)
 
 
 def _evaluation_loader(loader: DataLoader, num_replicas: int, rank: int) -> DataLoader:
@@ -108,15 +114,15 @@ def _evaluation_loader(loader: DataLoader, num_replicas: int, rank: int) -> Data
         )
         raise ValueError(msg)
     shard = UnrepeatedDistributedSamplerWrapper(loader.sampler, num_replicas=num_replicas, rank=rank, shuffle=False)
-    return _update_dataloader(loader, shard)
+    return update_dataloader(loader, shard)
 
 
 @dataclass
-class _ShardedSource(_DataLoaderSource):
+class _ShardedSource(DataLoaderSource):
     """A loop's source of dataloaders, whose loaders are given the samplers of :class:`DistributedSampling`."""
 
     trainer: Any = None
-    original: _DataLoaderSource | None = None
+    original: DataLoaderSource | None = None
 
     def dataloader(self) -> Any:
         """The source's loaders, resampled while the trainer has a :class:`DistributedSampling` callback."""
@@ -145,9 +151,11 @@ class DistributedSampling(Callback):
         """Route the trainer's loops through the resampling source (once, however many such callbacks)."""
         del pl_module, stage
         for loop in _loops(trainer):
-            source = loop._data_source
+            source = loop_data_source(loop)
             if not isinstance(source, _ShardedSource):
-                loop._data_source = _ShardedSource(source.instance, source.name, trainer=trainer, original=source)
+                set_loop_data_source(
+                    loop, _ShardedSource(source.instance, source.name, trainer=trainer, original=source)
+                )
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse validation shards that repeat images (loaders this callback could not resample)."""
@@ -163,10 +171,10 @@ class DistributedSampling(Callback):
         """Give the loops their own sources back, with the data attached to them now."""
         del pl_module, stage
         for loop in _loops(trainer):
-            source = loop._data_source
+            source = loop_data_source(loop)
             if isinstance(source, _ShardedSource) and source.original is not None:
                 source.original.instance = source.instance
-                loop._data_source = source.original
+                set_loop_data_source(loop, source.original)
 
 
 def _check_unrepeated(loaders: Any, split: str) -> None:
@@ -207,7 +215,7 @@ class SharedWorkspace(Callback):
         shared = Path(trainer.strategy.broadcast(str(own), src=0))
         if shared == own:
             return
-        trainer._default_root_dir = str(shared)  # no public setter: anomalib's Engine passes it to Trainer()
+        set_default_root_dir(trainer, str(shared))
         _give_back_version_folder(own, shared)
 
 

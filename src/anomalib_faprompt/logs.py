@@ -1,10 +1,12 @@
-"""Keep anomalib's console readable: each message once, no adverts, quiet exports.
+"""A readable console for runs of this package's models and subcommand: each message once, no adverts.
 
-The start-up hook (``_anomalib_faprompt_autoload``) silences third-party deprecation warnings before
-``anomalib.models`` loads, makes ``anomalib.loggers.configure_logger`` leave one console handler, and calls
-:func:`install` once ``anomalib.models`` has loaded. :func:`install` adds logging filters to the loggers of a few
-notices that anomalib and Lightning repeat for every trainer, datamodule or model they build; each filter matches
-one message of one logger, so everything else (and the user's own loggers) is untouched:
+Only our own runs are tidied, never another model's: :func:`tidy_console` runs when the ``anomalib`` CLI builds one
+of our models or runs ``anomalib zero_shot`` (the CLI hooks of :mod:`anomalib_faprompt.cli`), and when the
+``zero_shot`` pipeline runs. It leaves one console handler where anomalib's ``configure_logger`` doubles every
+record (plain on stderr and rich on stdout), silences Lightning's ``LeafSpec`` deprecation warning, which every fit
+and test loop prints, and adds logging filters to the loggers of a few notices that anomalib and Lightning repeat
+for every trainer, datamodule or model they build (:func:`install`); each filter matches one message of one logger,
+so everything else (and the user's own loggers) is untouched:
 
 - Lightning's ``GPU available: …`` / ``TPU available: …`` lines: once per process for each distinct text;
 - Lightning's ``💡 Tip: …`` adverts for its cloud products: not shown;
@@ -14,9 +16,11 @@ one message of one logger, so everything else (and the user's own loggers) is un
   evaluator repeats it at every setup of a trainer over several devices);
 - anomalib's ``Found the dataset.``: once per dataset root, naming it (every datamodule's ``prepare_data`` logs it,
   for each category and stage);
-- anomalib's ``ckpt_path is not provided. Model weights will not be loaded.``: not shown for a prompt model whose
-  prompts are loaded (``prompt_weights=``) or trained; without them the model refuses to predict anyway, naming
-  what to do, and the warning stays.
+
+One filter concerns our models only and is installed when the package registers (:func:`install_model_filters`):
+anomalib's ``ckpt_path is not provided. Model weights will not be loaded.`` is not shown for a prompt model whose
+prompts are loaded (``prompt_weights=``) or trained; without them the model refuses to predict anyway, naming what
+to do, and the warning stays. Records about any other model pass unchanged.
 
 :func:`quiet_export` silences the ONNX exporter's optimisation passes (hundreds of ``Replaced initializer`` records
 per export) while a model is exported.
@@ -24,8 +28,9 @@ per export) while a model is exported.
 
 from __future__ import annotations
 
+import inspect
 import logging
-import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -50,7 +55,7 @@ _FILTER_MARK = "_anomalib_faprompt_filter"
 
 def _calling_frame(record: logging.LogRecord) -> FrameType | None:
     """The frame that made ``record`` (a filter runs inside the logging call, so the frame is still on the stack)."""
-    frame = sys._getframe(1)
+    frame = inspect.currentframe()
     while frame is not None:
         code = frame.f_code
         if code.co_filename == record.pathname and code.co_name == record.funcName:
@@ -141,7 +146,7 @@ class CheckpointWarningForReadyPrompts(logging.Filter):
 
     ``Engine.predict`` warns whenever no checkpoint is given; a prompt model built with ``prompt_weights=`` (or
     trained in this process) has its weights, so the warning would be wrong. A prompt model without them refuses
-    to predict with :class:`~anomalib_faprompt.models.prompt_module.UntrainedPromptsError`, after the warning.
+    to predict with :class:`~anomalib_faprompt.models.readiness.UntrainedPromptsError`, after the warning.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -170,7 +175,7 @@ def _add_filter(logger_name: str, log_filter: logging.Filter) -> None:
 
 
 def install() -> None:
-    """Add the filters of this module's docstring to anomalib's and Lightning's loggers (idempotent).
+    """Add the repeated-notice filters of this module's docstring to anomalib's and Lightning's loggers (idempotent).
 
     Logger filters apply to the records of that very logger, so each filter goes to the module logger that
     logs the message.
@@ -179,7 +184,6 @@ def install() -> None:
     for name in RANK_ZERO_LOGGERS:
         _add_filter(name, lightning_notices)
     _add_filter("anomalib.models.components.base.anomalib_module", ModelInitialisedOnce())
-    _add_filter("anomalib.engine.engine", CheckpointWarningForReadyPrompts())
     _add_filter("anomalib.metrics.evaluator", OncePerProcess(EVALUATOR_DEVICE_NOTICE))
     dataset_found = DatasetFoundOnce()
     datamodule_loggers = [
@@ -189,6 +193,37 @@ def install() -> None:
     ]
     for name in sorted({*datamodule_loggers, "anomalib.data.datamodules.image.mvtecad"}):
         _add_filter(name, dataset_found)
+
+
+def install_model_filters() -> None:
+    """Add the filter that concerns our models only (the checkpoint warning for ready prompts; idempotent)."""
+    _add_filter("anomalib.engine.engine", CheckpointWarningForReadyPrompts())
+
+
+#: Lightning's pytree helper builds torch's deprecated ``LeafSpec`` in every fit, validation and test loop.
+LOOP_WARNING = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\.")
+
+
+def one_console_handler() -> None:
+    """Leave each record one console handler where anomalib's ``configure_logger`` gave it two.
+
+    ``configure_logger`` (called by the ``anomalib`` CLI before anything else) runs ``logging.basicConfig`` *and* adds
+    a ``RichHandler`` to the root logger, and adds another ``RichHandler`` next to Lightning's own stream handler on
+    ``lightning.pytorch``: every record is printed twice, plain on stderr and by rich on stdout. The plain handlers
+    beside a rich one are removed; rich, anomalib's intended console, stays.
+    """
+    for logger in (logging.getLogger(), logging.getLogger("lightning.pytorch")):
+        if any(type(handler).__name__ == "RichHandler" for handler in logger.handlers):
+            for handler in [handler for handler in logger.handlers if type(handler) is logging.StreamHandler]:
+                logger.removeHandler(handler)
+
+
+def tidy_console() -> None:
+    """Tidy the console of a run of our models or subcommand (see the module docstring; idempotent)."""
+    one_console_handler()
+    message, category, module = LOOP_WARNING
+    warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    install()
 
 
 @contextmanager

@@ -8,8 +8,7 @@ so the start-up hook can read it without importing torch; each Lightning class i
 Each entry says:
 
 - ``name``: the short name on ``anomalib.models`` (also the Lightning class's name);
-- ``lightning_class``: the import path of its Lightning module, loaded lazily (:meth:`Method.load`);
-- ``learning_types``: what it can learn from (:class:`Learning`);
+- ``lightning_class``: its Lightning class, or the import path of it, loaded lazily (:meth:`Method.load`);
 - ``prompt_identity``: the ``method`` string written into its prompt files (``save_prompt_weights``)
   and Lightning checkpoints (``checkpoint["prompt_settings"]["method"]``), equal to the class's
   ``method_name``. Loading compares it and refuses another method's prompts, naming both;
@@ -22,18 +21,17 @@ Each entry says:
   ``state_dict``); a method added later declares none, since every checkpoint it writes records its method,
   and an unrecorded checkpoint that matches no entry (or more than one) is refused.
 
-Adding a method takes its own package under ``models/`` and one entry here, as PromptAD's::
+What a method learns from (:class:`Learning`) is its Lightning class's ``learning_types``, so a subclass keeps it.
 
-    Method(
-        name="PromptAD",
-        lightning_class="anomalib_faprompt.models.promptad.PromptAD",
-        learning_types=(Learning.FEW_SHOT_PROMPTS, Learning.FEW_SHOT),
-        prompt_identity="PromptAD",
-    ),
+A method of this package is its own package under ``models/`` and one entry in the built-in list below, as
+PromptAD's::
 
-Nothing else needs editing: it is then registered on ``anomalib.models``, importable as
-``anomalib_faprompt.PromptAD``, gets the CLI's checkpoint handling, its prompt files are told apart from the
-others', and the tests and benchmarks parametrised over :data:`METHODS` cover it.
+    Method(name="PromptAD", lightning_class="anomalib_faprompt.models.promptad.PromptAD", prompt_identity="PromptAD")
+
+A method of another package registers itself through :func:`register_method` (``register_method(MyMethod)``).
+Nothing else needs editing: it is then resolvable on ``anomalib.models`` (``get_model``, ``--model <name>``),
+gets the CLI's checkpoint handling, its prompt files are told apart from the others', and it runs in
+``anomalib zero_shot`` tables; the built-in methods are also importable as ``anomalib_faprompt.<name>``.
 
 Example:
     >>> from anomalib_faprompt.methods import METHODS, Learning
@@ -41,7 +39,7 @@ Example:
     ['AnomalyCLIP', 'FAPrompt', 'PromptAD']
     >>> METHODS["FAPrompt"].prompt_identity
     'FAPrompt'
-    >>> Learning.AUXILIARY in METHODS["AnomalyCLIP"].learning_types
+    >>> Learning.AUXILIARY in METHODS["AnomalyCLIP"].load().learning_types
     True
 """
 
@@ -127,8 +125,7 @@ class Method:
     """One method: its names, its Lightning class and the formats its prompts come in (see the module docstring)."""
 
     name: str
-    lightning_class: str
-    learning_types: tuple[Learning, ...]
+    lightning_class: str | type
     prompt_identity: str
     released_prompts: KeySignature | None = None
     unrecorded_checkpoint: KeySignature | None = None
@@ -139,6 +136,8 @@ class Method:
         Raises:
             ImportError: If ``lightning_class`` names no importable class.
         """
+        if isinstance(self.lightning_class, type):
+            return self.lightning_class
         module_name, _, class_name = self.lightning_class.rpartition(".")
         model_class = getattr(importlib.import_module(module_name), class_name, None)
         if not isinstance(model_class, type):
@@ -147,8 +146,8 @@ class Method:
         return model_class
 
 
-# The authors' released prompt learner (SPEC §3): contexts, the token buffers built from them, deep prompts
-# and their (unused) projections; FAPrompt adds the prior network, ``patch_meta_net``.
+# The authors' released prompt learner (the AnomalyCLIP and FAPrompt READMEs): contexts, the token buffers built from
+# them, deep prompts and their (unused) projections; FAPrompt adds the prior network, ``patch_meta_net``.
 _RELEASED_PROMPT_LEARNER = (
     "token_prefix_pos",
     "token_suffix_pos",
@@ -160,11 +159,10 @@ _RELEASED_PROMPT_LEARNER = (
     "compound_prompt_projections.*",
 )
 
-_ALL = (
+_BUILT_IN = (
     Method(
         name="AnomalyCLIP",
         lightning_class="anomalib_faprompt.models.anomaly_clip.AnomalyCLIP",
-        learning_types=(Learning.ZERO_SHOT, Learning.AUXILIARY),
         prompt_identity="AnomalyCLIP",
         released_prompts=KeySignature(required=("ctx_pos", "ctx_neg"), optional=_RELEASED_PROMPT_LEARNER),
         unrecorded_checkpoint=KeySignature(
@@ -174,7 +172,6 @@ _ALL = (
     Method(
         name="FAPrompt",
         lightning_class="anomalib_faprompt.models.faprompt.FAPrompt",
-        learning_types=(Learning.ZERO_SHOT, Learning.AUXILIARY),
         prompt_identity="FAPrompt",
         released_prompts=KeySignature(
             required=("ctx_pos", "ctx_neg", "patch_meta_net.*"), optional=_RELEASED_PROMPT_LEARNER
@@ -186,19 +183,88 @@ _ALL = (
     Method(
         name="PromptAD",
         lightning_class="anomalib_faprompt.models.promptad.PromptAD",
-        learning_types=(Learning.FEW_SHOT_PROMPTS, Learning.FEW_SHOT),
         prompt_identity="PromptAD",
     ),
 )
 
-#: The methods by short name, in the order listed.
-METHODS: Mapping[str, Method] = MappingProxyType({method.name: method for method in _ALL})
+_registry: dict[str, Method] = {method.name: method for method in _BUILT_IN}
+
+#: The methods by short name: the built-in ones in the order listed, then those of :func:`register_method`. A
+#: read-only view that follows registrations.
+METHODS: Mapping[str, Method] = MappingProxyType(_registry)
+
+#: The short names of this package's own methods.
+BUILT_IN_METHODS = tuple(method.name for method in _BUILT_IN)
 
 #: Constructor arguments every method shares that say how a run executes, not what was learned: prompt files do
 #: not record them and checkpoints do not pass them on (the CLI's ``--ckpt_path``), so each run chooses its own.
 RUN_TIME_SETTINGS = frozenset(
     {"prompt_weights", "allow_untrained_prompts", "allow_setting_mismatch", "inference_compile"}
 )
+
+
+def register_method(method: Method | type) -> Method:
+    """Add a method to :data:`METHODS` and make it resolvable on ``anomalib.models`` by its short name.
+
+    The public extension point for methods of other packages: call it once the class is defined (e.g. in the
+    package's ``__init__``). Registering the same method again does nothing.
+
+    Args:
+        method: A Lightning class built on :class:`~anomalib_faprompt.models.base.PromptMethod` (its entry is
+            ``Method(name=<class name>, lightning_class=<class>, prompt_identity=<its method_name>)``), or a
+            :class:`Method` entry (to declare ``released_prompts``).
+
+    Returns:
+        The method's entry.
+
+    Raises:
+        ValueError: If the name or prompt identity is another method's, or anomalib has a model of that name.
+        TypeError: If the class is not a prompt method.
+
+    Example:
+        >>> from anomalib_faprompt.methods import register_method, unregister_method
+        >>> register_method(MyMethod)  # doctest: +SKIP
+        Method(name='MyMethod', ...)
+    """
+    entry = method if isinstance(method, Method) else _entry_of(method)
+    known = _registry.get(entry.name)
+    if known == entry:
+        return known
+    clash = [m.name for m in _registry.values() if entry.name == m.name or entry.prompt_identity == m.prompt_identity]
+    if clash:
+        msg = f"Method '{entry.name}': its name or prompt identity is that of the registered method {clash[0]}."
+        raise ValueError(msg)
+    from .registration import expose_method
+
+    expose_method(entry)
+    _registry[entry.name] = entry
+    return entry
+
+
+def unregister_method(name: str) -> None:
+    """Undo :func:`register_method` (the built-in methods stay).
+
+    Raises:
+        ValueError: For a built-in method or a name that is not registered.
+    """
+    if name in BUILT_IN_METHODS or name not in _registry:
+        msg = f"'{name}' is not a method registered with register_method (registered: {', '.join(_registry)})."
+        raise ValueError(msg)
+    from .registration import withdraw_model
+
+    del _registry[name]
+    withdraw_model(name)
+
+
+def _entry_of(model_class: type) -> Method:
+    identity = getattr(model_class, "method_name", None)
+    if not isinstance(model_class, type) or not isinstance(identity, str):
+        msg = (
+            f"register_method takes a prompt method's Lightning class (a subclass of anomalib_faprompt.models.base."
+            f"PromptMethod with a method_name) or a Method entry, got {model_class!r}."
+        )
+        raise TypeError(msg)
+    return Method(name=model_class.__name__, lightning_class=model_class, prompt_identity=identity)
 
 
 def get_method(name: str) -> Method:

@@ -5,7 +5,7 @@ Three formats load:
 - the project's own small file (``save_prompt_weights``): the learned state (parameters and learned
   buffers such as a visual memory, see ``PromptedCLIP.learned_state_names``), whether it was trained,
   and the settings it depends on;
-- the authors' released checkpoints, ``{"prompt_learner": state_dict}`` (SPEC §3);
+- the authors' released checkpoints, ``{"prompt_learner": state_dict}`` (AnomalyCLIP and FAPrompt READMEs: Method);
 - a Lightning checkpoint of one of the methods (its learned state is taken).
 
 Each holds prompts of one method, and loading them into another method is refused naming both. The
@@ -16,13 +16,11 @@ before checkpoints recorded it are recognised by the keys their method's entry i
 and refused when they match no entry. Every format is refused when it holds non-finite values.
 
 Prompts only make sense with the CLIP and the settings they were learned with, so a prompt file
-(version 2) records them (:func:`clip_identity` plus the model's shape settings, see ``PROMPT_SETTINGS``
-in ``models/prompt_module.py``) and loading it into a model with other settings is refused with
-:class:`SettingsMismatchError`, unless the model is built with ``allow_setting_mismatch=True``.
-Lightning checkpoints carry the same record (``checkpoint["prompt_settings"]``); older ones are
-compared on their ``hyper_parameters`` (shape settings only: they do not identify the CLIP
-weights). Version-1 prompt files are compared on the hyper-parameters they stored, and count as
-trained, as they always did. Released checkpoints carry no settings and load as they are.
+(version 2) records them and loading it into a model with other settings is refused
+(:mod:`~anomalib_faprompt.prompt_settings`). Lightning checkpoints carry the same record
+(``checkpoint["prompt_settings"]``); older ones are compared on their ``hyper_parameters`` (shape settings only:
+they do not identify the CLIP weights). Version-1 prompt files are compared on the hyper-parameters they stored,
+and count as trained, as they always did. Released checkpoints carry no settings and load as they are.
 
 Example:
     >>> from anomalib_faprompt.prompt_weights import load_prompt_weights  # doctest: +SKIP
@@ -31,165 +29,41 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+from anomalib_faprompt.file_integrity import check_file
 from anomalib_faprompt.methods import METHODS, recorded_method, released_prompts_methods
+from anomalib_faprompt.prompt_settings import (
+    SettingsMismatchError,
+    check_settings,
+    displayable,
+    hyper_parameter_settings,
+    plain_data,
+)
+
+__all__ = [
+    "LoadedPrompts",
+    "NonFiniteValuesError",
+    "SettingsMismatchError",
+    "check_checkpoint_method",
+    "check_finite",
+    "load_prompt_weights",
+    "read_torch_file",
+    "save_prompt_weights",
+]
 
 FORMAT = "anomalib_faprompt.prompts"
 VERSION = 2
 
-#: Bytes hashed at each end of a CLIP weights file to identify it (whole file when smaller than twice this).
-IDENTITY_CHUNK = 1 << 20
-
-#: Setting keys that only describe another key for messages; never compared.
-_DESCRIPTIONS = {"clip_architecture": "clip_architecture_source", "clip_weights": "clip_weights_source"}
-
-_MISMATCH_ADVICE = (
-    "Construct the model with the settings the prompts were learned with, or pass allow_setting_mismatch=True "
-    "(CLI: --model.allow_setting_mismatch true) to load them anyway."
-)
-
 
 class NonFiniteValuesError(ValueError):
     """Prompts, inputs or outputs hold NaN or infinite values."""
-
-
-class SettingsMismatchError(ValueError):
-    """Prompts were learned with other settings (CLIP, image size, layers, ...) than the model loading them."""
-
-
-def plain_data(value: Any) -> Any:
-    """``value`` with OmegaConf containers, mappings, sequences and paths as plain dicts, lists and strings.
-
-    Checkpoints are read with ``torch.load(weights_only=True)``, which refuses OmegaConf containers
-    (YAML configs give them to the constructors) and anything but plain Python. Other leaves are kept.
-
-    Example:
-        >>> from omegaconf import ListConfig
-        >>> plain_data({"feature_layers": ListConfig([6, 24]), "betas": (0.5, 0.999)})
-        {'feature_layers': [6, 24], 'betas': [0.5, 0.999]}
-    """
-    if isinstance(value, str | bytes | int | float | bool) or value is None:
-        return value
-    if isinstance(value, PurePath):
-        return str(value)
-    try:
-        from omegaconf import Container, OmegaConf
-    except ImportError:  # pragma: no cover - anomalib depends on omegaconf
-        pass
-    else:
-        if isinstance(value, Container):
-            return plain_data(OmegaConf.to_container(value, resolve=True))
-    if isinstance(value, Mapping):
-        return {key: plain_data(item) for key, item in value.items()}
-    if isinstance(value, Sequence):
-        return [plain_data(item) for item in value]
-    return value
-
-
-def _displayable(value: Any) -> Any:
-    """Settings as plain Python for the informational record of a prompt file; unknown objects as text."""
-    value = plain_data(value)
-    if isinstance(value, dict):
-        return {str(key): _displayable(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_displayable(item) for item in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
-
-
-def _file_identity(path: Path) -> str:
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        if size <= 2 * IDENTITY_CHUNK:
-            digest.update(file.read())
-        else:
-            digest.update(file.read(IDENTITY_CHUNK))
-            file.seek(-IDENTITY_CHUNK, 2)
-            digest.update(file.read(IDENTITY_CHUNK))
-    return f"{size} bytes, sha256 of first and last MiB {digest.hexdigest()[:16]}"
-
-
-def clip_identity(backbone: str | Path, pretrained: str | Path | None) -> dict[str, str]:
-    """What identifies the frozen CLIP that prompts were learned on, cheaply.
-
-    The architecture is a hash of its open_clip config (an architecture name and a JSON file with the
-    same content are the same architecture). A weights file is identified by its size and a hash of its
-    first and last MiB, not by its path (a moved copy is the same weights) and not by hashing the whole
-    1.7 GB file on every load; torch and OpenAI JIT files are zip archives whose directory at the end
-    holds a CRC of every tensor, so any changed tensor changes the last MiB. An open_clip tag is
-    identified by its name: the same weights given as a tag once and as a file once do not compare equal.
-
-    Returns:
-        ``clip_architecture`` and ``clip_weights`` (compared), and ``*_source`` (for messages only).
-    """
-    from anomalib_faprompt.clip.loading import model_config
-
-    config = json.dumps(model_config(backbone), sort_keys=True, default=str)
-    identity = {
-        "clip_architecture": f"open_clip config sha256 {hashlib.sha256(config.encode()).hexdigest()[:16]}",
-        "clip_architecture_source": str(backbone),
-    }
-    if pretrained is None:
-        identity["clip_weights"] = "random initialisation (pretrained=None)"
-        identity["clip_weights_source"] = "pretrained=None"
-    elif Path(pretrained).is_file():
-        identity["clip_weights"] = _file_identity(Path(pretrained))
-        identity["clip_weights_source"] = f"file '{Path(pretrained).name}'"
-    else:
-        identity["clip_weights"] = f"open_clip tag '{pretrained}'"
-        identity["clip_weights_source"] = f"tag '{pretrained}'"
-    return identity
-
-
-def settings_mismatches(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between the settings prompts were learned with and the current ones.
-
-    Only keys present on both sides are compared (a released checkpoint or an older file records fewer).
-    """
-    differences = []
-    for key, theirs in recorded.items():
-        if key in _DESCRIPTIONS.values() or key not in current:
-            continue
-        ours = current[key]
-        if plain_data(theirs) == plain_data(ours):
-            continue
-        if key in _DESCRIPTIONS:
-            description = _DESCRIPTIONS[key]
-            theirs = f"{recorded.get(description, '?')} ({theirs})"
-            ours = f"{current.get(description, '?')} ({ours})"
-        differences.append(f"{key} is {theirs} there and {ours} here")
-    return differences
-
-
-def check_settings(recorded: Mapping[str, Any] | None, current: Mapping[str, Any] | None, source: str) -> None:
-    """Refuse prompts learned with other settings than ``current``.
-
-    Raises:
-        SettingsMismatchError: Naming every differing setting with both values.
-    """
-    if not recorded or not current:
-        return
-    differences = settings_mismatches(recorded, current)
-    if differences:
-        msg = (
-            f"Prompt checkpoint {source} was learned with other settings than this model: "
-            + "; ".join(differences)
-            + ". "
-            + _MISMATCH_ADVICE
-        )
-        raise SettingsMismatchError(msg)
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -241,6 +115,26 @@ def save_prompt_weights(
     """
     path = Path(path)
     state_dict = model.prompt_state_dict()
+    _check_finite_before_saving(state_dict, path)
+    _prepare_destination(path)
+    content = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": method,
+        "trained": bool(trained),
+        "prompt_settings": plain_data(prompt_settings or {}),
+        "settings": {key: displayable(value) for key, value in settings.items()},
+        "state_dict": state_dict,
+    }
+    try:
+        torch.save(content, path)
+    except (OSError, RuntimeError) as error:  # torch reports an unwritable path as RuntimeError (its zip writer)
+        msg = f"Cannot save prompt weights to '{path}': {' '.join(str(error).split())}"
+        raise OSError(msg) from error
+    return path
+
+
+def _check_finite_before_saving(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
     for name, value in state_dict.items():
         count = int((~torch.isfinite(value)).sum())
         if count:
@@ -249,40 +143,64 @@ def save_prompt_weights(
                 "Training diverged; train again (e.g. with a lower learning_rate)."
             )
             raise NonFiniteValuesError(msg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "method": method,
-            "trained": bool(trained),
-            "prompt_settings": plain_data(prompt_settings or {}),
-            "settings": {key: _displayable(value) for key, value in settings.items()},
-            "state_dict": state_dict,
-        },
-        path,
-    )
-    return path
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _prepare_destination(path: Path) -> None:
+    if path.is_dir():
+        msg = (
+            f"Cannot save prompt weights to '{path}': it is a directory. Give a file path, e.g. "
+            f"'{path / 'prompts.pt'}'."
+        )
+        raise IsADirectoryError(msg)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        msg = f"Cannot save prompt weights to '{path}': its folder cannot be created ({error})."
+        raise OSError(msg) from error
+
+
+def read_torch_file(path: Path, role: str, extra_globals: Sequence[Any] = ()) -> Any:
+    """Load a torch file on the CPU with ``weights_only=True``, refusing damaged or foreign files by name.
+
+    The archive's checksums are compared first (:func:`~anomalib_faprompt.file_integrity.check_file`): torch
+    would load a file whose tensor bytes changed on disk without a word.
+
+    Args:
+        path: The file.
+        role: What it is, for messages (``"Prompt weights file"``).
+        extra_globals: Classes to allow when unpickling, beside anomalib's.
+
+    Raises:
+        DamagedFileError: If its bytes do not match the checksums it was written with, or it is cut short.
+        ValueError: If torch cannot read it (not a torch file, truncated, written with objects
+            ``weights_only`` refuses), naming the file.
+    """
     from anomalib.utils.serialization import anomalib_safe_globals
 
+    check_file(path, role)
+    if path.stat().st_size == 0:
+        msg = f"Could not read {role.lower()} '{path}': the file is empty (0 bytes; an interrupted write?)."
+        raise ValueError(msg)
     try:
-        with anomalib_safe_globals():
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        hint = ""
-        # A truncated zip archive surfaces as OSError (Errno 22), EOFError or torch's stream reader failing.
-        if isinstance(error, OSError | EOFError) or "PytorchStreamReader" in str(error):
-            hint = " The file looks truncated or damaged (an interrupted copy or write?); write it again."
-        elif "omegaconf" in str(error):
+        with anomalib_safe_globals(extra=list(extra_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign bytes (KeyError, UnpicklingError, ...)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if "omegaconf" in reason:
             hint = (
                 " It was written by an earlier version that stored OmegaConf containers in its hyper-parameters; "
                 "re-save its prompts from a trusted session (torch.load(..., weights_only=False)) or retrain."
             )
-        msg = f"Could not read prompt weights from '{path}': {error}{hint}"
+        elif isinstance(error, OSError | EOFError) or "PytorchStreamReader" in reason:
+            hint = " The file looks truncated or damaged (an interrupted copy or write?); write it again."
+        else:
+            hint = " It is not a file written by torch.save (a text file or another format?)."
+        msg = f"Could not read {role.lower()} '{path}': {type(error).__name__}: {reason.rstrip('.')}.{hint}"
         raise ValueError(msg) from error
+
+
+def _read(path: Path) -> dict[str, Any]:
+    content = read_torch_file(path, "Prompt weights file")
     if not isinstance(content, dict):
         msg = f"'{path}' holds a {type(content).__name__}, not prompt weights."
         raise ValueError(msg)
@@ -300,11 +218,6 @@ class LoadedPrompts:
 
     trained: bool
     settings: dict[str, Any] | None
-
-
-def hyper_parameter_settings(hyper_parameters: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """The compared settings found in a model's hyper-parameters (no CLIP identity: paths are not weights)."""
-    return {name: plain_data(hyper_parameters[name]) for name in names if name in hyper_parameters}
 
 
 def _check_released_method(prompt_learner: Mapping[str, Any], method: str, source: str) -> None:
@@ -352,6 +265,41 @@ def check_checkpoint_method(checkpoint: Mapping[str, Any], method: str, source: 
     raise ValueError(msg)
 
 
+def _learned_state(
+    content: Mapping[str, Any], model: PromptedCLIP, method: str, source: str, names: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, bool]:
+    """The learned state of a file of any supported format, the settings it records and whether it is trained."""
+    if "prompt_learner" in content:
+        _check_released_method(content["prompt_learner"], method, source)
+        return model.convert_released_state_dict(content["prompt_learner"]), None, True
+    if content.get("format") == FORMAT:
+        if content["method"] != method:
+            msg = f"{source} holds {content['method']} prompts; load it with {content['method']}, not {method}."
+            raise ValueError(msg)
+        # Version 1 recorded the hyper-parameters only and did not say whether the prompts were trained.
+        recorded = content.get("prompt_settings") or hyper_parameter_settings(content.get("settings", {}), names)
+        return content["state_dict"], recorded, bool(content.get("trained", True))
+    if "state_dict" in content and any(key.startswith("model.") for key in content["state_dict"]):
+        check_checkpoint_method(content, method, source)
+        learned = set(model.learned_state_names())
+        state_dict = {
+            key.removeprefix("model."): value
+            for key, value in content["state_dict"].items()
+            if key.startswith("model.") and key.removeprefix("model.") in learned
+        }
+        recorded = content.get("prompt_settings") or hyper_parameter_settings(
+            content.get("hyper_parameters", {}), names
+        )
+        ready = content["state_dict"].get("model.prompts_ready")
+        return state_dict, recorded, True if ready is None else bool(ready)
+    msg = (
+        f"{source} is not a prompt checkpoint: expected the released format {{'prompt_learner': ...}}, "
+        "a file written by save_prompt_weights, or a Lightning checkpoint of one of the methods "
+        f"({', '.join(METHODS)})."
+    )
+    raise ValueError(msg)
+
+
 def load_prompt_weights(
     model: PromptedCLIP,
     path: str | Path,
@@ -383,42 +331,8 @@ def load_prompt_weights(
     if not path.is_file():
         msg = f"Prompt weights file '{path}' does not exist (prompt_weights=...)."
         raise FileNotFoundError(msg)
-    content = _read(path)
     source = f"'{path}'"
-    names = tuple(settings or ())
-    recorded: dict[str, Any] | None = None
-    trained = True
-    if "prompt_learner" in content:
-        _check_released_method(content["prompt_learner"], method, source)
-        state_dict = model.convert_released_state_dict(content["prompt_learner"])
-    elif content.get("format") == FORMAT:
-        if content["method"] != method:
-            msg = f"{source} holds {content['method']} prompts; load it with {content['method']}, not {method}."
-            raise ValueError(msg)
-        state_dict = content["state_dict"]
-        # Version 1 recorded the hyper-parameters only and did not say whether the prompts were trained.
-        recorded = content.get("prompt_settings") or hyper_parameter_settings(content.get("settings", {}), names)
-        trained = bool(content.get("trained", True))
-    elif "state_dict" in content and any(key.startswith("model.") for key in content["state_dict"]):
-        check_checkpoint_method(content, method, source)
-        learned = set(model.learned_state_names())
-        state_dict = {
-            key.removeprefix("model."): value
-            for key, value in content["state_dict"].items()
-            if key.startswith("model.") and key.removeprefix("model.") in learned
-        }
-        recorded = content.get("prompt_settings") or hyper_parameter_settings(
-            content.get("hyper_parameters", {}), names
-        )
-        ready = content["state_dict"].get("model.prompts_ready")
-        trained = True if ready is None else bool(ready)
-    else:
-        msg = (
-            f"{source} is not a prompt checkpoint: expected the released format {{'prompt_learner': ...}}, "
-            "a file written by save_prompt_weights, or a Lightning checkpoint of one of the methods "
-            f"({', '.join(METHODS)})."
-        )
-        raise ValueError(msg)
+    state_dict, recorded, trained = _learned_state(_read(path), model, method, source, tuple(settings or ()))
     if not allow_setting_mismatch:
         check_settings(recorded, settings, source)
     check_finite(state_dict, source)

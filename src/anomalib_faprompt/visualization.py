@@ -81,8 +81,7 @@ def fitting_font_size(titles: list[str], field_size: tuple[int, int], text_confi
 
 #: CLIP weights files known to hold random, untrained weights, by their :func:`~anomalib_faprompt.prompt_weights.
 #: clip_identity` (size and hash of the first and last MiB, so a copy or a renamed file is recognised and any other
-#: weights are not): the small reference CLIPs of ``shared/golden`` (seeded random initialisations, SPEC §5 and
-#: SPEC_PromptAD §13).
+#: weights are not): the small reference CLIPs of ``shared/golden`` (seeded random initialisations).
 UNTRAINED_CLIP_WEIGHTS = {
     "20916199 bytes, sha256 of first and last MiB 3007fb2183dc662a": (
         "the random small CLIP of shared/golden (clip_small_seed0.pt)"

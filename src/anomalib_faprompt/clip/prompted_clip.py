@@ -19,6 +19,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_faprompt.components import GaussianSmoothing, VisualMemory, upsample_maps
+from anomalib_faprompt.components.guards import accepted_images
 
 from .compiled import CompiledVision, check_compile_mode
 from .loading import build_clip
@@ -151,6 +152,10 @@ class PromptedCLIP(nn.Module):
                 self._text_cache = (key, compute())
         return self._text_cache[1]
 
+    def forget_text_features(self) -> None:
+        """Drop the cached text features: for changes :meth:`cached` cannot see (templates, loaded prototypes)."""
+        self._text_cache = None
+
     def encode_prompts(self, *groups: tuple[PromptTemplate, torch.Tensor]) -> list[torch.Tensor]:
         """Encode groups of (template, contexts) in one fp32 text-encoder call, with the deep prompts.
 
@@ -223,7 +228,7 @@ class PromptedCLIP(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> Any:
         """Check the input, get the cached text features and the image features, and score them."""
-        self.check_input(images)
+        images = self.check_input(images)
         text = self.cached(self.encode_static_text)
         image_features, patch_features = self.encode_image(images, self.feature_layers)
         output = self.score_features((images.shape[-2], images.shape[-1]), text, image_features, patch_features)
@@ -256,13 +261,19 @@ class PromptedCLIP(nn.Module):
         distances = self.references(torch.stack(patch_features))  # (layers, B, N)
         return torch.stack([upsample_maps(layer[..., None], size)[:, 0] for layer in distances])
 
+    @property
+    def reference_count(self) -> int:
+        """Reference images in the visual memory (its entries over the patches of one image at ``image_size``)."""
+        patches = (self.image_size // self.vision.patch_size) ** 2
+        return self.references.bank.shape[1] // patches if not self.references.is_empty else 0
+
     @torch.no_grad()
     def add_references(self, images: torch.Tensor) -> None:
         """Add normal reference images (pre-processed, (k, 3, H, W)) to the visual memory.
 
         Their patch features of the feature layers (the features the prompts are compared with) are stored.
         """
-        self.check_input(images)
+        images = self.check_input(images)
         _, patch_features = self.encode_image(images, self.feature_layers)
         self.references.add(torch.stack(patch_features))
 
@@ -277,7 +288,7 @@ class PromptedCLIP(nn.Module):
         names = [name for name, parameter in self.named_parameters() if parameter.requires_grad]
         for module_name, module in self.named_modules():
             for buffer_name in getattr(type(module), "learned_buffers", ()):
-                if buffer_name not in module._buffers:
+                if buffer_name not in dict(module.named_buffers(recurse=False)):
                     msg = f"{type(module).__name__} lists '{buffer_name}' in learned_buffers but has no such buffer."
                     raise AttributeError(msg)
                 names.append(f"{module_name}.{buffer_name}" if module_name else buffer_name)
@@ -368,10 +379,19 @@ class PromptedCLIP(nn.Module):
             if key.startswith("compound_prompts_text.")
         }
 
-    def check_input(self, images: torch.Tensor) -> None:
-        """Refuse inputs the prompts were not meant for, with a message that says what to do."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            msg = f"Expected normalised images of shape (B, 3, H, W), got {tuple(images.shape)}."
+    def check_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The images as the model takes them, or an error that says what to do.
+
+        float16 and float64 images are cast to float32; an empty batch, another channel count than 3, integer pixels,
+        non-square images or a size that is not a multiple of the patch size are refused (see
+        :func:`~anomalib_faprompt.components.guards.accepted_images`).
+        """
+        images = accepted_images(images, type(self).__name__)
+        if images.shape[-1] != images.shape[-2]:
+            msg = (
+                f"{type(self).__name__} scores square images; got shape {tuple(images.shape)}. Resize to "
+                f"image_size={self.image_size} (the model's pre-processor does this)."
+            )
             raise ValueError(msg)
         if images.shape[-1] % self.vision.patch_size or images.shape[-2] % self.vision.patch_size:
             msg = (
@@ -379,3 +399,4 @@ class PromptedCLIP(nn.Module):
                 f"resize to image_size={self.image_size} (the model's pre-processor does this)."
             )
             raise ValueError(msg)
+        return images

@@ -1,4 +1,4 @@
-"""CLIP text encoder with learnable (deep) prompts (SPEC §2).
+"""CLIP text encoder with learnable (deep) prompts (AnomalyCLIP and FAPrompt READMEs: Method).
 
 Prompt token embeddings are a template's word embeddings in which learnable context vectors
 replace placeholder words. Deep prompts replace token positions ``1..text_n_ctx`` before text

@@ -1,4 +1,4 @@
-"""CLIP vision encoder with the dual-path DPAM forward (SPEC §1).
+"""CLIP vision encoder with the dual-path DPAM forward (AnomalyCLIP and FAPrompt READMEs: Method).
 
 The last ``dpam_layers`` blocks run two paths with the block's weights: the original Q-K
 path and a V-V attention path that skips the MLP. Patch features are read from the V-V path
@@ -8,7 +8,7 @@ path and a V-V attention path that skips the MLP. Patch features are read from t
 
 PromptAD's VV-CLIP is the same dual path on every block (``dpam_layers`` = depth), and its
 visual memory reads the original path's residual after attention, before the MLP
-(:meth:`DPAMVisionEncoder.encode`'s ``residual_layers``; SPEC_PromptAD §3).
+(:meth:`DPAMVisionEncoder.encode`'s ``residual_layers``; PromptAD README, Method).
 
 Example:
     >>> import torch

@@ -1,4 +1,4 @@
-"""Segmentation and classification losses of the released code (SPEC §3-4)."""
+"""Segmentation and classification losses of the released code (AnomalyCLIP and FAPrompt READMEs: Method)."""
 
 from __future__ import annotations
 

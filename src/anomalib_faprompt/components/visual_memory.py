@@ -2,7 +2,7 @@
 
 Shared by every method that scores patches against k normal reference images: WinCLIP+-style
 references for AnomalyCLIP and FAPrompt, and PromptAD's visual branch, which is exactly this
-computation (``S[i] = min_j (1 - M[i]·G[j]) / 2`` per layer, ``SPEC_PromptAD.md`` §8.2).
+computation (``S[i] = min_j (1 - M[i]·G[j]) / 2`` per layer, PromptAD's README, Method).
 
 Example:
     >>> import torch

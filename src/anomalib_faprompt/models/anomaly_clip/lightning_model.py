@@ -22,18 +22,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.visualization import Visualizer
-from torch import nn
 
-from anomalib_faprompt.clip.compiled import check_compile_mode
-from anomalib_faprompt.clip.settings import backbone_geometry, check_int, check_layers, check_training
-from anomalib_faprompt.models.prompt_module import PromptLifecycleMixin, check_references
-from anomalib_faprompt.models.training_rules import MaskSupervisedPromptLearning
+from anomalib_faprompt.models.zero_shot_method import ZeroShotPromptMethod
 
 from .loss import AnomalyCLIPLoss
 from .torch_model import AnomalyCLIPModel
@@ -41,134 +35,50 @@ from .torch_model import AnomalyCLIPModel
 __all__ = ["AnomalyCLIP"]
 
 
-class AnomalyCLIP(PromptLifecycleMixin, MaskSupervisedPromptLearning, AnomalibModule):
+class AnomalyCLIP(ZeroShotPromptMethod, AnomalibModule):
     """AnomalyCLIP Lightning module.
 
     Args:
-        backbone: open_clip architecture name or path to an open_clip JSON config.
-        pretrained: open_clip pretrained tag, path to a weights file (OpenAI JIT archive or state
-            dict), or ``None`` for random weights.
-        image_size: Square input size; the pre-processor resizes to it.
         feature_layers: 1-indexed vision blocks whose patch features make the maps (one map per block,
             summed). ``None``, the default, is the backbone's last block (24 for ViT-L/14): the method as
             released, with which the authors produced every reported result and their checkpoints.
             ``[6, 12, 18, 24]`` is the four-layer variant of the paper's early versions (see the README).
             The resolved blocks are recorded in ``hparams``, checkpoints and prompt files.
-        dpam_layers: Number of final vision blocks running DPAM's V-V path.
         n_ctx: Length of the learnable normal and abnormal contexts.
-        text_depth: Text blocks that see learnable tokens.
-        text_n_ctx: Length of each deep text prompt.
         sigma: Gaussian smoothing of the anomaly map in pixels; 0 turns it off.
-        prompt_weights: Learned prompts to load (released ``{"prompt_learner": ...}`` checkpoints,
-            files from ``save_prompt_weights`` or Lightning checkpoints). With it the model is zero-shot.
-        learning_rate: Adam learning rate.
-        betas: Adam betas.
-        allow_untrained_prompts: Allow testing/predicting with untrained prompts, loading a prompt file saved
-            untrained, and saving untrained prompts (the file records them as untrained) (experiments only).
-            Prompts count as trained once an optimiser step has changed them, or when loaded trained. Untrained
-            prompts are random draws: set ``seed_everything`` to compare runs.
-        allow_setting_mismatch: Load ``prompt_weights`` (or a checkpoint) learned with other settings anyway.
-            Prompt files and checkpoints record the CLIP architecture and weights (config hash; weights
-            file size and hash of its first and last MiB, or open_clip tag), ``image_size`` and the layer and
-            prompt-length settings, and by default loading them into a model with other values is refused,
-            naming each setting. Released checkpoints and version-1 prompt files record no CLIP identity.
-        max_epochs: Epochs of prompt learning. ``None`` leaves it to the trainer (15 in ``configs/``); when
-            set it overrides the trainer's value, for runners that take no trainer config (``anomalib benchmark``);
-            it must then be at least 1 (zero epochs would learn nothing).
-        k_shot: Normal reference images whose patch features form a visual memory fused with the prompts' map
-            and score (0: zero-shot). Sampled with ``reference_seed`` from the normal images of the datamodule's
-            train split (the target's for ``AuxiliaryDataModule``) before validation, test and prediction, or
-            the first ``k_shot`` images of ``few_shot_source``. A checkpoint keeps the memory of its last run,
-            used only where no train split or source is available (predicting on a folder, export).
-        few_shot_source: An image or folder of normal reference images to use instead of the train split.
-        reference_seed: Seed of the sampling of the references from the train split.
-        reference_weight: Weight ``w`` of the visual memory: map = (1 - w) · prompt map + w · visual map,
-            score likewise (see ``PromptedCLIP.forward``); the references' features are those of the feature
-            layers the prompts read, so no extra forward pass runs per test image.
-        inference_compile: Run the frozen vision encoder under ``torch.compile`` at inference (test, predict,
-            validation): ``"reduce-overhead"`` (CUDA graphs on GPUs: lowest batch-1 latency), ``"default"``,
-            ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``; ``None`` (default) runs eagerly. Each new
-            input shape compiles once (warm-up logged); training and export stay eager. Outputs equal eager
-            within 1e-5 in fp32.
-        pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
-        post_processor: Post-processor, or ``True`` for anomalib's default.
-        evaluator: Evaluator, or ``True`` for the papers' metrics (image AUROC and AP, pixel AUROC and AUPRO)
-            and image F1; threshold-free metrics are computed on raw outputs, before post-processing.
-        visualizer: Visualizer, or ``True`` for anomalib's default.
+        kwargs: The settings of the DPAM prompt methods (``dpam_layers``, ``text_depth``, ``learning_rate``, ...:
+            :class:`~anomalib_faprompt.models.zero_shot_method.ZeroShotPromptMethod`) and of every prompt method
+            (``backbone``, ``pretrained``, ``image_size``, ``prompt_weights``, ``k_shot``, ...:
+            :class:`~anomalib_faprompt.models.base.PromptMethod`).
 
     Raises:
         ValueError: If a setting is out of range (for the backbone), before any CLIP weights load.
     """
 
     method_name = "AnomalyCLIP"
+    prompt_setting_names: ClassVar[tuple[str, ...]] = (
+        *ZeroShotPromptMethod.prompt_setting_names,
+        "feature_layers",
+        "n_ctx",
+    )
 
     def __init__(
         self,
-        backbone: str = "ViT-L-14-336",
-        pretrained: str | None = "openai",
-        image_size: int = 518,
         feature_layers: Sequence[int] | None = None,
-        dpam_layers: int = 19,
         n_ctx: int = 12,
-        text_depth: int = 9,
-        text_n_ctx: int = 4,
         sigma: float = 4.0,
-        prompt_weights: str | Path | None = None,
-        learning_rate: float = 1e-3,
-        betas: Sequence[float] = (0.5, 0.999),
-        allow_untrained_prompts: bool = False,
-        allow_setting_mismatch: bool = False,
-        max_epochs: int | None = None,
-        k_shot: int = 0,
-        few_shot_source: str | Path | None = None,
-        reference_seed: int = 0,
-        reference_weight: float = 0.5,
-        inference_compile: str | None = None,
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: Evaluator | bool = True,
-        visualizer: Visualizer | bool = True,
+        **kwargs: Any,
     ) -> None:
-        # Checked before anything is built; the normalised values are what hparams and checkpoints record
-        # (plain Python: no OmegaConf containers from YAML, the last block rather than None).
-        image_size = check_int("image_size", image_size)
-        k_shot, few_shot_source, reference_seed = check_references(k_shot, few_shot_source, reference_seed)
-        inference_compile = check_compile_mode(inference_compile)
-        learning_rate, betas, max_epochs = check_training(learning_rate, betas, max_epochs)
-        feature_layers = list(check_layers("feature_layers", feature_layers, backbone_geometry(backbone).vision_depth))
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size)
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.model = AnomalyCLIPModel(
-            backbone=backbone,
-            pretrained=pretrained,
-            image_size=image_size,
-            feature_layers=feature_layers,
-            dpam_layers=dpam_layers,
-            n_ctx=n_ctx,
-            text_depth=text_depth,
-            text_n_ctx=text_n_ctx,
-            sigma=sigma,
-            reference_weight=reference_weight,
-        )
+        super().__init__(**kwargs)
         self.loss = AnomalyCLIPLoss()
-        self.learning_rate = learning_rate
-        self.betas = betas
-        self._init_prompts(
-            prompt_weights,
-            allow_untrained_prompts,
-            max_epochs,
-            allow_setting_mismatch,
-            k_shot=k_shot,
-            few_shot_source=few_shot_source,
-            reference_seed=reference_seed,
-            inference_compile=inference_compile,
-        )
+
+    def build_model(self) -> AnomalyCLIPModel:
+        """The torch model of the settings in ``hparams``; ``feature_layers`` recorded as resolved (None: the last)."""
+        settings = self.hparams
+        model = AnomalyCLIPModel(**self.clip_arguments(), feature_layers=settings["feature_layers"],
+                                 n_ctx=settings["n_ctx"], sigma=settings["sigma"])  # fmt: skip
+        settings["feature_layers"] = list(model.feature_layers)
+        return model
 
     def training_losses(
         self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor

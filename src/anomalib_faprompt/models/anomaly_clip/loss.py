@@ -1,4 +1,4 @@
-"""AnomalyCLIP training loss (SPEC §3).
+"""AnomalyCLIP training loss (README: Method, Paper vs. release).
 
 ``4 · Σ_layers [Focal + Dice(s_a, G) + Dice(s_n, 1 − G)] + CE(image logits, y)``.
 

@@ -1,4 +1,4 @@
-"""PyTorch model of AnomalyCLIP: object-agnostic prompts on a DPAM CLIP (SPEC §3).
+"""PyTorch model of AnomalyCLIP: object-agnostic prompts on a DPAM CLIP (README: Method, Paper vs. release).
 
 Example:
     >>> import torch
@@ -122,10 +122,11 @@ class AnomalyCLIPModel(PromptedCLIP):
     }
 
     def convert_released_state_dict(self, prompt_learner: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map the released ``prompt_learner`` (``ctx_pos``, ``ctx_neg``, deep prompts) to this model."""
-        if "patch_meta_net.linear1.weight" in prompt_learner:
-            msg = "This is a FAPrompt prompt checkpoint; load it with FAPrompt(prompt_weights=...), not AnomalyCLIP."
-            raise ValueError(msg)
+        """Map the released ``prompt_learner`` (``ctx_pos``, ``ctx_neg``, deep prompts) to this model.
+
+        Which method a released file belongs to is decided before, by the key signatures of
+        :data:`anomalib_faprompt.methods.METHODS` (``prompt_weights.load_prompt_weights``).
+        """
         state_dict = super().convert_released_state_dict(prompt_learner)
         state_dict["normal_context"] = prompt_learner["ctx_pos"].reshape(-1, prompt_learner["ctx_pos"].shape[-1])
         state_dict["abnormal_context"] = prompt_learner["ctx_neg"].reshape(-1, prompt_learner["ctx_neg"].shape[-1])

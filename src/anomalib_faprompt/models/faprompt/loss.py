@@ -1,4 +1,4 @@
-"""FAPrompt training loss (SPEC §4).
+"""FAPrompt training loss (README: Method, Paper vs. release).
 
 ``[Focal(S) + Dice(S_a, G) + Dice(S_n, 1−G)] + ½[Focal(Ŝ) + Dice(Ŝ_a, G) + Dice(Ŝ_n, 1−G)]
 + CE(p̂ logits, y) + BinaryFocal(s, y) + 0.1·L_oc + L_prior``.

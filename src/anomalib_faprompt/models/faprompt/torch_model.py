@@ -1,4 +1,4 @@
-"""PyTorch model of FAPrompt: compound and data-dependent abnormality prompts (SPEC §4).
+"""PyTorch model of FAPrompt: compound and data-dependent abnormality prompts (README: Method, Paper vs. release).
 
 Compound abnormality prompts (CAP) share the normal context and add K abnormal contexts; the
 static abnormal text feature is their mean. Data-dependent abnormality prompts (DAP) select

@@ -23,15 +23,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.visualization import Visualizer
-from torch import nn
 
-from anomalib_faprompt.clip.compiled import check_compile_mode
-from anomalib_faprompt.clip.settings import backbone_geometry, check_float, check_int, check_layers, check_max_epochs
-from anomalib_faprompt.models.prompt_module import PROMPT_SETTINGS, PromptLifecycleMixin, check_references
-from anomalib_faprompt.models.training_rules import NormalFewShotPromptLearning
+from anomalib_faprompt.clip.settings import check_float
+from anomalib_faprompt.compat import attached_trainer
+from anomalib_faprompt.methods import Learning
+from anomalib_faprompt.models.base import PromptMethod
+from anomalib_faprompt.models.training_rules import NormalFewShotPromptLearning, TrainingRule
 
 from .loss import PromptADLoss
 from .torch_model import PromptADFeatures, PromptADModel
@@ -41,10 +39,10 @@ __all__ = ["PromptAD"]
 logger = logging.getLogger(__name__)
 
 
-class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule):
+class PromptAD(PromptMethod, AnomalibModule):
     """PromptAD Lightning module: one fit learns both of the release's heads from ``k_shot`` normal images.
 
-    Defaults are the release's (SPEC_PromptAD): ViT-B-16-plus-240 with LAION-400M weights at 240 px, 4 normal
+    Defaults are the release's (README): ViT-B-16-plus-240 with LAION-400M weights at 240 px, 4 normal
     context tokens, 1 token in each of 4 learnable anomaly contexts, 3 normal contexts for the image score and
     1 for the map, SGD (lr 0.002, momentum 0.9, weight decay 5e-4) with a cosine schedule to 1e-5 over 100
     epochs of one step on all k shots, λ = 0.001, margin 0. Deviations from the release, each documented in the
@@ -53,15 +51,13 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
     Lightning's ``precision`` gives autocast).
 
     Args:
-        backbone: open_clip architecture name or path to an open_clip JSON config.
+        backbone: open_clip architecture name or path to an open_clip JSON config (the release's by default).
         pretrained: open_clip pretrained tag, weights file, or ``None`` for random weights.
         image_size: Square input size; the pre-processor resizes to it.
         category: The category whose object name and manual anomaly states the prompts use (``metal_nut`` ->
             "metal nut"); ``None`` takes the datamodule's ``category`` when fitting (or the loaded prompts').
             Categories outside MVTec AD and VisA get the eight generic anomaly states (logged).
         k_shot: Normal images the prompts learn from and the visual memory holds (at least 1).
-        few_shot_source: An image or folder of normal images to use instead of sampling the train split.
-        reference_seed: Seed of the sampling of the k images from the train split's normal images.
         n_ctx: Tokens of each normal context.
         n_ctx_ab: Tokens of each learnable anomaly context.
         n_pro_ab: Number of learnable anomaly contexts.
@@ -82,28 +78,20 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
         weight_decay: SGD weight decay.
         min_learning_rate: Learning rate the cosine schedule ends at (``eta_min``).
         max_epochs: Epochs, one step each; the cosine schedule spans them.
-        prompt_weights: Learned prompts and memory to load (a file from ``save_prompt_weights`` or a Lightning
-            checkpoint); the model then scores without fitting.
-        allow_untrained_prompts: Allow scoring or saving prompts no optimiser step changed (experiments only;
-            untrained prompts are random draws: set ``seed_everything`` to compare runs).
-        allow_setting_mismatch: Load prompts learned with other settings anyway.
-        inference_compile: Run the frozen vision encoder under ``torch.compile`` at inference (test, predict,
-            validation): ``"reduce-overhead"`` (CUDA graphs on GPUs: lowest batch-1 latency), ``"default"``,
-            ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``; ``None`` (default) runs eagerly. Each new
-            input shape compiles once (warm-up logged); training and export stay eager. Outputs equal eager
-            within 1e-5 in fp32.
-        pre_processor: Pre-processor, or ``True`` for the default (bicubic resize, CLIP normalisation).
-        post_processor: Post-processor, or ``True`` for anomalib's default.
-        evaluator: Evaluator, or ``True`` for image AUROC and AP, pixel AUROC and AUPRO on raw outputs, and F1.
-        visualizer: Visualizer, or ``True`` for the package's heat-maps.
+        kwargs: The settings every prompt method takes (``prompt_weights``, ``few_shot_source``,
+            ``reference_seed``, ``inference_compile``, ...: :class:`~anomalib_faprompt.models.base.PromptMethod`).
 
     Raises:
         ValueError: If a setting is out of range (``k_shot=0`` included), before any CLIP weights load.
     """
 
     method_name = "PromptAD"
+    learning_types: ClassVar[tuple[Learning, ...]] = (Learning.FEW_SHOT_PROMPTS, Learning.FEW_SHOT)
+    training_rule: ClassVar[TrainingRule] = NormalFewShotPromptLearning()
+    default_max_epochs = 100  # the release's, and the default of max_epochs
     prompt_setting_names: ClassVar[tuple[str, ...]] = (
-        *PROMPT_SETTINGS,
+        *PromptMethod.prompt_setting_names,
+        "n_ctx",
         "category",
         "n_ctx_ab",
         "n_pro_ab",
@@ -119,8 +107,6 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
         image_size: int = 240,
         category: str | None = None,
         k_shot: int = 1,
-        few_shot_source: str | Path | None = None,
-        reference_seed: int = 0,
         n_ctx: int = 4,
         n_ctx_ab: int = 1,
         n_pro_ab: int = 4,
@@ -137,72 +123,37 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
         weight_decay: float = 5e-4,
         min_learning_rate: float = 1e-5,
         max_epochs: int | None = 100,
-        prompt_weights: str | Path | None = None,
-        allow_untrained_prompts: bool = False,
-        allow_setting_mismatch: bool = False,
-        inference_compile: str | None = None,
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: Evaluator | bool = True,
-        visualizer: Visualizer | bool = True,
+        **kwargs: Any,
     ) -> None:
-        image_size = check_int("image_size", image_size)
-        k_shot, few_shot_source, reference_seed = check_references(k_shot, few_shot_source, reference_seed)
-        inference_compile = check_compile_mode(inference_compile)
-        if k_shot < 1:
+        if k_shot == 0:
             msg = (
                 "PromptAD: k_shot must be at least 1, got 0. PromptAD learns its prompts from k normal images of the "
                 "category and scores against their visual memory; for zero-shot detection use AnomalyCLIP or FAPrompt."
             )
             raise ValueError(msg)
-        memory_layers = list(check_layers("memory_layers", memory_layers, backbone_geometry(backbone).vision_depth))
         learning_rate = check_float("learning_rate", learning_rate, low_open=True, why="SGD's step size")
         momentum = check_float("momentum", momentum, high=1.0, why="SGD's momentum")
         weight_decay = check_float("weight_decay", weight_decay, why="SGD's weight decay")
         min_learning_rate = check_float("min_learning_rate", min_learning_rate, why="where the cosine schedule ends")
         lambda_align = check_float("lambda_align", lambda_align, why="weight of the alignment loss")
         margin = check_float("margin", margin, low=float("-inf"), why="of the explicit anomaly margin loss")
-        max_epochs = check_max_epochs(max_epochs)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size)
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.model = PromptADModel(
-            backbone=backbone,
-            pretrained=pretrained,
-            image_size=image_size,
-            category=category,
-            n_ctx=n_ctx,
-            n_ctx_ab=n_ctx_ab,
-            n_pro_ab=n_pro_ab,
-            n_pro_image=n_pro_image,
-            n_pro_pixel=n_pro_pixel,
-            memory_layers=memory_layers,
-            map_size=map_size,
-            sigma=sigma,
-            bgr_test_images=bgr_test_images,
-        )
+        super().__init__(backbone=backbone, pretrained=pretrained, image_size=image_size, k_shot=k_shot,
+                         max_epochs=max_epochs, **kwargs)  # fmt: skip
         self.loss = PromptADLoss(lambda_align=lambda_align, margin=margin)
         self.learning_rate, self.momentum, self.weight_decay = learning_rate, momentum, weight_decay
         self.min_learning_rate = min_learning_rate
         self._shots: PromptADFeatures | None = None
-        self._init_prompts(
-            prompt_weights,
-            allow_untrained_prompts,
-            max_epochs,
-            allow_setting_mismatch,
-            k_shot=k_shot,
-            few_shot_source=few_shot_source,
-            reference_seed=reference_seed,
-            inference_compile=inference_compile,
-        )
         recorded = (self.loaded_prompt_settings or {}).get("category")
         if category is None and recorded is not None:
             self._set_category(str(recorded), "the loaded prompts")
+
+    def build_model(self) -> PromptADModel:
+        """The torch model of the settings in ``hparams``; ``memory_layers`` recorded as a list."""
+        names = ("backbone", "pretrained", "image_size", "category", "n_ctx", "n_ctx_ab", "n_pro_ab", "n_pro_image",
+                 "n_pro_pixel", "memory_layers", "map_size", "sigma", "bgr_test_images")  # fmt: skip
+        model = PromptADModel(**{name: self.hparams[name] for name in names})
+        self.hparams["memory_layers"] = list(model.memory_layers)
+        return model
 
     @classmethod
     def from_released(cls, image_checkpoint: str | Path, pixel_checkpoint: str | Path, **kwargs: Any) -> PromptAD:
@@ -266,7 +217,7 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
 
     def setup(self, stage: str) -> None:
         """Take the category from the datamodule when none was given; warn when it differs from the prompts'."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         datamodule = getattr(datamodule, "target", datamodule)  # AuxiliaryDataModule: the target
         category = getattr(datamodule, "category", None) or None  # anomalib's Folder has an empty one
         if self.model.category is None:
@@ -283,11 +234,11 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
             )
         super().setup(stage)
 
-    # Training: the NormalFewShotPromptLearning rule ----------------------------------------------------------
+    # What the NormalFewShotPromptLearning rule needs (FewShotLearner) -------------------------------------------
 
-    def prepare_shots(self, shots: torch.Tensor) -> None:
-        """Encode the k shots once: the CLIP is frozen, so each step needs only their features."""
-        self._shots = self.model.encode_features(shots)
+    def prepare_shots(self, shots: torch.Tensor | None) -> None:
+        """Encode the k shots once (the CLIP is frozen, so each step needs only their features); ``None`` drops them."""
+        self._shots = self.model.encode_features(shots) if shots is not None else None
 
     def few_shot_losses(self) -> dict[str, torch.Tensor]:
         """Both heads' losses on the shots: the image head on their CLS features, the pixel head on their patches.
@@ -312,7 +263,7 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
             terms.update({f"{head}_{name}": losses[name] for name in ("v2t", "eam", "align")})
         return terms
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_prompt_optimizers(self) -> dict[str, Any]:
         """SGD on the prompts with a cosine schedule over the fit's epochs, stepped once per epoch (the release's)."""
         optimizer = torch.optim.SGD(
             self.model.learnable_parameters(),
@@ -321,12 +272,7 @@ class PromptAD(PromptLifecycleMixin, NormalFewShotPromptLearning, AnomalibModule
             weight_decay=self.weight_decay,
         )
         # The fit's epochs (the trainer's, which max_epochs sets); max_epochs when used outside a trainer.
-        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        epochs = getattr(attached_trainer(self), "max_epochs", None)
         epochs = epochs if epochs and epochs > 0 else (self.max_epochs or 100)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.min_learning_rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-    def on_fit_end(self) -> None:
-        """Drop the shots' features (kept only for the steps)."""
-        super().on_fit_end()
-        self._shots = None

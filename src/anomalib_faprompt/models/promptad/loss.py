@@ -1,4 +1,4 @@
-"""PromptAD's training loss, as the release computes it (SPEC_PromptAD §7.2-7.3).
+"""PromptAD's training loss, as the release computes it (README: Method).
 
 Per head, with ``n``/``a`` the normal/anomaly prototypes, ``Â`` every anomaly prompt's normalised feature and
 ``s`` CLIP's raw ``logit_scale``:

@@ -1,4 +1,4 @@
-"""PromptAD's manual anomaly states and object names, verbatim from the release (SPEC_PromptAD §4.2-4.4).
+"""PromptAD's manual anomaly states and object names, verbatim from the release (README: Method).
 
 The texts are the authors' own, typos included ("particals", "melded"): they change the embeddings, so they
 are kept as written. Categories not listed get the eight generic states only.

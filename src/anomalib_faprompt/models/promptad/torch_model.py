@@ -1,6 +1,6 @@
-"""PyTorch model of PromptAD: prompts learned from normal images, fused with a visual memory (SPEC_PromptAD).
+"""PyTorch model of PromptAD: prompts learned from normal images, fused with a visual memory (README).
 
-The vision side is VV-CLIP, the shared DPAM dual path on every block (SPEC_PromptAD §3); the image feature is
+The vision side is VV-CLIP, the shared DPAM dual path on every block (README: Method); the image feature is
 CLIP's own embedding (``ln_post`` then ``proj``), the patch features the V-V path's last block, and the visual
 memory holds the original path's residual after attention of two blocks (the 4th and 9th of 12, §3.1). The text
 side has two heads, each the prompts of one of the release's two separately trained models (§7.1): the *image*
@@ -39,15 +39,14 @@ from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.clip.settings import backbone_geometry, check_float, check_int, check_layers
 from anomalib_faprompt.clip.text import PromptedTextEncoder, PromptTemplate
 from anomalib_faprompt.components import GaussianSmoothing
+from anomalib_faprompt.components.pre_processing import CLIP_MEAN, CLIP_STD
 
 from .prompting import has_category_states, manual_states, object_name
 
 logger = logging.getLogger(__name__)
 
-#: The release smooths its maps with σ = 4 at its 400-px evaluation size (SPEC_PromptAD §8.3).
+#: The release smooths its maps with σ = 4 at its 400-px evaluation size (README: Method).
 RELEASE_SIGMA, RELEASE_MAP_SIZE = 4.0, 400
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -87,7 +86,7 @@ class PromptADFeatures:
 
 @dataclass
 class HeadScores:
-    """Everything one head scores (SPEC_PromptAD §8), at the model's ``map_size``.
+    """Everything one head scores (README: Method), at the model's ``map_size``.
 
     Attributes:
         textual_score: Anomaly probability of the CLS feature (B,).
@@ -173,7 +172,7 @@ class PromptHead(nn.Module):
             raise RuntimeError(msg)
         n_pro, n_pro_ab = self.normal_context.shape[0], self.abnormal_context.shape[0]
         # Row i of the manual prompts uses normal context i mod n_pro (state-major); of the learnable anomaly
-        # prompts, normal context i mod n_pro and anomaly context i mod n_pro_ab (SPEC_PromptAD §4.3).
+        # prompts, normal context i mod n_pro and anomaly context i mod n_pro_ab (README: Method).
         manual_contexts = self.normal_context.repeat(self.n_states, 1, 1)
         learned_contexts = torch.cat(
             [self.normal_context.repeat(n_pro_ab, 1, 1), self.abnormal_context.repeat(n_pro, 1, 1)], dim=1
@@ -278,7 +277,7 @@ class PromptADModel(PromptedCLIP):
     }
 
     def set_category(self, category: str) -> None:
-        """Build the prompts of ``category``: its object name and manual anomaly states (SPEC_PromptAD §4.2-4.4).
+        """Build the prompts of ``category``: its object name and manual anomaly states (README: Method).
 
         A category without manual states of its own (any outside MVTec AD and VisA) gets the eight generic ones.
         """
@@ -296,7 +295,7 @@ class PromptADModel(PromptedCLIP):
         for head in self.heads.values():
             head.build_templates(self.text, name, states)
         self.category = category
-        self._text_cache = None
+        self.forget_text_features()
 
     # Text ---------------------------------------------------------------------------------------------------
 
@@ -332,7 +331,7 @@ class PromptADModel(PromptedCLIP):
     @torch.no_grad()
     def add_references(self, images: torch.Tensor) -> None:
         """Add k normal images (pre-processed, (k, 3, H, W)) to the visual memory: their memory-layer patches."""
-        self.check_input(images)
+        images = self.check_input(images)
         self.references.add(self.encode_features(images).memory)
 
     def swap_red_blue(self, images: torch.Tensor) -> torch.Tensor:
@@ -357,7 +356,7 @@ class PromptADModel(PromptedCLIP):
         """Anomaly probability of features (..., E) against (normal, anomaly) prototypes; raw ``logit_scale``.
 
         The release multiplies cosines by CLIP's stored ``logit_scale`` (≈ 4.6 for LAION weights), not by its
-        exponential (100) as CLIP's own forward does (SPEC_PromptAD §7.4): a temperature of about 0.22.
+        exponential (100) as CLIP's own forward does (README: Method): a temperature of about 0.22.
         """
         with torch.autocast(features.device.type, enabled=False):
             logits = self.logit_scale * features.float() @ prototypes.float().t()
@@ -388,7 +387,7 @@ class PromptADModel(PromptedCLIP):
 
     def forward_features(self, images: torch.Tensor) -> PromptADOutput:
         """Check the input; both heads' text (cached) and the image features."""
-        self.check_input(images)
+        images = self.check_input(images)
         text = self.cached(self.encode_static_text)
         return PromptADOutput(text=text, features=self.encode_features(images))
 
@@ -400,6 +399,7 @@ class PromptADModel(PromptedCLIP):
         """
         if self.training:
             return self.forward_features(images)
+        images = self.check_input(images)
         if self.bgr_test_images:
             images = self.swap_red_blue(images)
         output = self.forward_features(images)
@@ -418,97 +418,11 @@ class PromptADModel(PromptedCLIP):
     def load_released(self, image: dict[str, torch.Tensor], pixel: dict[str, torch.Tensor], source: str = "") -> None:
         """Load the release's two models (its image-level ``CLS-…`` and pixel-level ``SEG-…`` runs) into the heads.
 
-        Each may be a ``prompt_learner`` state (``normal_ctx``, ``abnormal_ctx`` and the token buffers, whose
-        prompts are re-encoded here) or an inference checkpoint (``text_features`` and the galleries
-        ``feature_gallery1``/``feature_gallery2``, SPEC_PromptAD §9), whose prototypes and memory are used as they
-        are. Both must be of one kind.
-
-        Raises:
-            ValueError: If a file is neither, its widths or prompt counts differ from this model's (naming the
-                setting), its token buffers were built for another object or CLIP, or the two inference
-                checkpoints hold different galleries.
+        See :func:`~anomalib_faprompt.models.promptad.released.load_released`.
         """
-        states = {"image": image, "pixel": pixel}
-        kinds = {name: _released_kind(state, f"{source} ({name} head)") for name, state in states.items()}
-        if len(set(kinds.values())) != 1:
-            msg = f"Released PromptAD files {source}: one is a prompt learner, the other an inference checkpoint."
-            raise ValueError(msg)
-        with torch.no_grad():
-            if kinds["image"] == "prompt_learner":
-                for name, state in states.items():
-                    self._load_prompt_learner(name, state, f"{source} ({name} head)")
-                self.released_prototypes = torch.empty(0, device=self.released_prototypes.device)
-            else:
-                self._load_inference_checkpoints(image, pixel, source)
-            self.prompts_ready.fill_(True)
-        self._text_cache = None
+        from .released import load_released
 
-    def _load_prompt_learner(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
-        head = self.heads[name]
-        setting = "n_pro_image" if name == "image" else "n_pro_pixel"
-        labels = {
-            "normal_ctx": (setting, "n_ctx", "text width of the backbone"),
-            "abnormal_ctx": ("n_pro_ab", "n_ctx_ab", "text width of the backbone"),
-        }
-        for key, parameter in (("normal_ctx", head.normal_context), ("abnormal_ctx", head.abnormal_context)):
-            theirs = state[key]
-            if theirs.shape != parameter.shape:
-                differing = [
-                    f"{label} is {a} there and {b} here"
-                    for label, a, b in zip(labels[key], theirs.shape, parameter.shape, strict=False)
-                    if a != b
-                ]
-                msg = f"Released PromptAD prompts {source} do not fit this model ({key}): " + "; ".join(differing)
-                raise ValueError(msg + ". Construct the model with the release's backbone and settings.")
-        if head.templates is not None:
-            for key, template in (("normal_token_suffix", "normal"), ("abnormal_token_suffix_handle", "manual")):
-                ours, theirs = head.templates[template].suffix, state.get(key)
-                # The release keeps a row per prompt; a template here is one row when every prompt shares it.
-                if theirs is not None and (
-                    theirs.shape[1:] != ours.shape[1:]
-                    or ours.shape[0] not in {1, theirs.shape[0]}
-                    or not torch.allclose(theirs, ours.expand_as(theirs), atol=1e-4)
-                ):
-                    msg = (
-                        f"Released PromptAD prompts {source} were built for another object name, manual states or "
-                        f"CLIP than this model's (category '{self.category}'): their {key} differs. Construct the "
-                        "model with the category and CLIP weights they were trained with."
-                    )
-                    raise ValueError(msg)
-        head.normal_context.copy_(state["normal_ctx"])
-        head.abnormal_context.copy_(state["abnormal_ctx"])
-
-    def _load_inference_checkpoints(
-        self, image: dict[str, torch.Tensor], pixel: dict[str, torch.Tensor], source: str
-    ) -> None:
-        width = self.text.text_projection.shape[1]
-        for name, state in (("image", image), ("pixel", pixel)):
-            if tuple(state["text_features"].shape) != (2, width):
-                msg = (
-                    f"Released PromptAD checkpoint {source} ({name} head): text_features of shape "
-                    f"{tuple(state['text_features'].shape)}, this backbone's embedding needs (2, {width}). Construct "
-                    "the model with the backbone it was trained with (the release's is ViT-B-16-plus-240)."
-                )
-                raise ValueError(msg)
-        galleries = [torch.stack([state["feature_gallery1"], state["feature_gallery2"]]) for state in (image, pixel)]
-        if galleries[0].shape != galleries[1].shape or not torch.allclose(*galleries, atol=1e-6):
-            msg = (
-                f"Released PromptAD checkpoints {source}: the image and pixel checkpoints hold different galleries "
-                "(other normal images), and the model keeps one visual memory. Use the two runs of one sampling."
-            )
-            raise ValueError(msg)
-        memory_width = self.vision.visual.transformer.width
-        if galleries[0].shape[-1] != memory_width:
-            msg = (
-                f"Released PromptAD checkpoint {source}: galleries of width {galleries[0].shape[-1]}, this backbone's "
-                f"vision width is {memory_width}. Construct the model with the backbone it was trained with."
-            )
-            raise ValueError(msg)
-        self.references.reset()
-        self.references.add(galleries[0][:, None].to(self.released_prototypes.device))
-        prototypes = torch.stack([F.normalize(image["text_features"].float(), dim=-1),
-                                  F.normalize(pixel["text_features"].float(), dim=-1)])  # fmt: skip
-        self.released_prototypes = prototypes.to(self.released_prototypes.device)
+        load_released(self, image, pixel, source)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         # Released prototypes exist only when a release's inference checkpoint was loaded: take the saved shape.
@@ -516,21 +430,3 @@ class PromptADModel(PromptedCLIP):
         if key in state_dict:
             self.released_prototypes = torch.empty_like(state_dict[key], device=self.released_prototypes.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-_PROMPT_LEARNER_KEYS = {"normal_ctx", "abnormal_ctx"}
-_INFERENCE_KEYS = {"text_features", "feature_gallery1", "feature_gallery2"}
-
-
-def _released_kind(state: object, source: str) -> str:
-    """Which of the release's files ``state`` is: ``prompt_learner`` or ``inference``."""
-    keys = set(state) if isinstance(state, dict) else set()
-    if keys >= _PROMPT_LEARNER_KEYS:
-        return "prompt_learner"
-    if keys >= _INFERENCE_KEYS:
-        return "inference"
-    msg = (
-        f"{source} is not one of PromptAD's released files: expected a prompt learner (normal_ctx, abnormal_ctx, …) "
-        f"or an inference checkpoint (text_features, feature_gallery1, feature_gallery2); found keys {sorted(keys)}."
-    )
-    raise ValueError(msg)
