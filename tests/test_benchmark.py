@@ -98,7 +98,7 @@ def test_few_shot_benchmark_reports_linear_memory_and_latency_ratios():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     width = open_clip.get_model_config("ViT-B-16")["embed_dim"]
-    zero_shot = {name for name, method in METHODS.items() if Learning.ZERO_SHOT in method.learning_types}
+    zero_shot = {name for name, method in METHODS.items() if Learning.ZERO_SHOT in method.load().learning_types}
     assert {entry["method"] for entry in report["results"]} == zero_shot  # PromptAD needs k >= 1: benchmark.py
     for entry in report["results"]:
         # The small config's feature_layers (6, 12) where the method takes them, else its last layer.

@@ -110,7 +110,7 @@ def test_few_shot_source_folder_and_bad_settings(small_clip, released_prompts, t
     model = make_model("AnomalyCLIP", small_clip, released_prompts, k_shot=2, few_shot_source=folder)
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(model)
-    model._collect_references()  # what validate, test and predict run at their start
+    model.collect_references()  # what validate, test and predict run at their start
     assert model.model.references.bank.shape[1] == 2 * (224 // model.model.vision.patch_size) ** 2
     with pytest.raises(FileNotFoundError, match=r"few_shot_source '.*missing' does not exist"):
         make_model("FAPrompt", small_clip, released_prompts, k_shot=1, few_shot_source=tmp_path / "missing")
@@ -131,6 +131,25 @@ def test_a_checkpoint_keeps_the_memory(small_clip, released_prompts, tmp_path):
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(restored.model.eval()(images).pred_score, model.model.eval()(images).pred_score)
+
+
+def test_a_checkpoint_memory_asked_for_k_shot_zero_is_not_used(small_clip, released_prompts, tiny_mvtec, tmp_path,
+                                                                caplog):  # fmt: skip
+    """k_shot=0 is zero-shot: a memory that came with the checkpoint must not fuse into the scores."""
+    model = make_model("FAPrompt", small_clip, released_prompts, k_shot=1)
+    model.model.add_references(torch.randn(1, 3, 224, 224))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    restored = FAPrompt.load_from_checkpoint(tmp_path / "model.ckpt", k_shot=0)
+    datamodule = MVTecAD(root=tiny_mvtec, category="widget", num_workers=0)
+    engine = Engine(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    with caplog.at_level("INFO"):
+        (with_k0,) = engine.test(restored, datamodule=datamodule)
+    assert restored.model.references.is_empty
+    assert "k_shot=0, so the visual memory of 1 reference image(s) that came with the checkpoint" in caplog.text
+    (zero_shot,) = engine.test(make_model("FAPrompt", small_clip, released_prompts), datamodule=datamodule)
+    assert with_k0 == pytest.approx(zero_shot, abs=1e-7)
 
 
 @pytest.mark.slow

@@ -24,11 +24,11 @@ from sklearn.metrics import roc_auc_score
 
 from anomalib_faprompt import FAPrompt
 from anomalib_faprompt.data import generate_synthetic_dataset
-from anomalib_faprompt.models.prompt_module import PromptLifecycleMixin
+from anomalib_faprompt.models.base import PromptMethod
 from anomalib_faprompt.pipelines import ZeroShot
 from anomalib_faprompt.pipelines.few_shot import Shot, plan_shots
 from anomalib_faprompt.pipelines.few_shot_table import summarise_few_shot
-from anomalib_faprompt.pipelines.zero_shot import summarise
+from anomalib_faprompt.pipelines.report import summarise
 from test_zero_shot import protocol
 
 METRICS = ["image_AUROC", "image_AP", "pixel_AUROC", "pixel_AUPRO"]
@@ -61,7 +61,7 @@ def spying(stages: Collection[str] | None = None) -> Iterator[tuple[list, list]]
     """
     memory: list[tuple[int, int, list[str]]] = []
     fitted: list[list[str]] = []
-    collect, step, fit = PromptLifecycleMixin._collect_references, Patchcore.training_step, Engine.fit
+    collect, step, fit = PromptMethod.collect_references, Patchcore.training_step, Engine.fit
 
     def spy_collect(self):
         shots = collect(self)
@@ -79,7 +79,7 @@ def spying(stages: Collection[str] | None = None) -> Iterator[tuple[list, list]]
         return fit(self, model, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(PromptLifecycleMixin, "_collect_references", spy_collect)
+        patch.setattr(PromptMethod, "collect_references", spy_collect)
         patch.setattr(Patchcore, "training_step", spy_step)
         patch.setattr(Engine, "fit", spy_fit)
         yield memory, fitted
@@ -194,9 +194,10 @@ def test_k_shot_zero_gives_the_zero_shot_table_from_the_same_rows(spied_run, roo
     table = ZeroShot().run_config(few_shot_config(root, results, tiny_clip, k_shot=[0]))
 
     assert row_files(results) == before, "the k = 0 rows of the few-shot run are today's rows, resumed"
-    assert list(table.columns) == ["model", "dataset", "category", *METRICS, "notice"]
+    columns = ["model", "dataset", "category", *METRICS, "notice", *(f"{name}_categories" for name in METRICS)]
+    assert list(table.columns) == columns
     few_shot = spied_run["table"]
-    expected = few_shot[few_shot.k == 0][["model", "dataset", "category", *METRICS, "notice"]]
+    expected = few_shot[few_shot.k == 0][columns]
     pd.testing.assert_frame_equal(table, expected.reset_index(drop=True))
 
 
@@ -259,7 +260,7 @@ def test_winclip_gets_k_shot_and_the_same_reference_images(root, tiny_clip, tmp_
 
     monkeypatch.setattr(torch_model, "PRETRAINED", None)
     memory, winclip = [], []
-    collect, collect_winclip = PromptLifecycleMixin._collect_references, WinClip.collect_reference_images
+    collect, collect_winclip = PromptMethod.collect_references, WinClip.collect_reference_images
 
     def spy_collect(self):
         collect(self)
@@ -270,7 +271,7 @@ def test_winclip_gets_k_shot_and_the_same_reference_images(root, tiny_clip, tmp_
         winclip.append((self.k_shot, len(images), list(self.trainer.datamodule.train_data.samples.image_path)))
         return images
 
-    monkeypatch.setattr(PromptLifecycleMixin, "_collect_references", spy_collect)
+    monkeypatch.setattr(PromptMethod, "collect_references", spy_collect)
     monkeypatch.setattr(WinClip, "collect_reference_images", spy_winclip)
     config = few_shot_config(root, tmp_path / "results", tiny_clip, models=("FAPrompt",), k_shot=[2], samplings=1)
     config["models"].append({"class_path": "WinClip"})

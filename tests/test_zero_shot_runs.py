@@ -11,14 +11,21 @@ import copy
 import io
 import json
 import logging
+import queue
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from PIL import Image
@@ -27,6 +34,7 @@ from sklearn.metrics import roc_auc_score
 from anomalib_faprompt import AnomalyCLIP
 from anomalib_faprompt.data import generate_synthetic_dataset
 from anomalib_faprompt.pipelines import ZeroShot
+from conftest import flip_tensor_byte
 from test_zero_shot import protocol
 
 AUXILIARY, TARGETS = ["stripes"], ["disc"]
@@ -255,10 +263,18 @@ def test_a_truncated_row_is_set_aside_and_recomputed(previous, root, tiny_clip, 
     assert values(rerun) == pytest.approx(values(table), abs=1e-6)
 
 
-def test_truncated_prompts_are_set_aside_and_retrained(previous, root, tiny_clip, fits, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "cut where torch reads an OSError", "bytes changed"])
+def test_truncated_prompts_are_set_aside_and_retrained(previous, root, tiny_clip, fits, caplog, damage):
+    """Half a file (torch: no zip directory), a cut where torch raises a bare "OSError: [Errno 22]" naming no file,
+    or its numbers changed on disk (torch loads it: only the archive's checksums tell)."""
     results, table = previous
     [prompts] = [path for path in result_files(results) if path.name == "prompts.pt"]
-    truncate(prompts)
+    if damage == "truncated":
+        truncate(prompts)
+    elif damage == "cut where torch reads an OSError":
+        cut_where_torch_raises_oserror(prompts)
+    else:
+        flip_tensor_byte(prompts)
 
     with caplog.at_level(logging.WARNING):
         rerun = ZeroShot().run_config(config_for(root, results, tiny_clip))
@@ -267,6 +283,20 @@ def test_truncated_prompts_are_set_aside_and_retrained(previous, root, tiny_clip
     assert str(prompts) in caplog.text
     assert len(list(prompts.parent.glob("prompts.pt.corrupt-*"))) == 1
     assert values(rerun) == pytest.approx(values(table), abs=1e-6)  # the same seed gives the same prompts
+
+
+def cut_where_torch_raises_oserror(path: Path) -> None:
+    """Cut ``path`` short at the first length (in steps of 64 bytes) at which ``torch.load`` raises ``OSError``."""
+    content = path.read_bytes()
+    for length in range(64, len(content), 64):
+        path.write_bytes(content[:length])
+        try:
+            torch.load(path, weights_only=True)
+        except OSError:
+            return
+        except Exception:  # other cuts fail otherwise (no zip directory): look further
+            continue
+    pytest.fail(f"no cut of {path} makes torch.load raise OSError")
 
 
 def test_a_failed_write_leaves_the_previous_file(tmp_path):
@@ -390,7 +420,7 @@ def test_the_dataset_column_and_folders_name_the_datamodule(synthetic_run):
 
 
 def test_a_folder_dataset_is_named_by_its_name_argument(root):
-    from anomalib_faprompt.pipelines.zero_shot import DatasetSpec
+    from anomalib_faprompt.pipelines.datasets import DatasetSpec
 
     folder = {"name": "discs", "root": str(root / "disc"), "normal_dir": "train/good", "abnormal_dir": "test/crack"}
     spec = DatasetSpec({"dataset": {"class_path": "Folder", "init_args": folder}}, {"num_workers": 0})
@@ -422,7 +452,7 @@ def test_untrained_weights_are_named_in_the_table(synthetic_run):
 
 
 def test_the_chart_shows_the_chance_line_and_the_notices(synthetic_run):
-    from anomalib_faprompt.pipelines.zero_shot import results_figure
+    from anomalib_faprompt.pipelines.report import results_figure
 
     _, _, table, _ = synthetic_run
     figure = results_figure(table)
@@ -451,3 +481,252 @@ def test_a_one_class_baseline_is_scored_on_its_raw_outputs(tmp_path, root, tiny_
     ZeroShot().run_config(config_for(root, tmp_path / "results", tiny_clip, models=("Patchcore",)))
     assert post_processed
     assert not any(post_processed), "post-processed outputs reached the metrics"
+
+
+# SIGTERM: how schedulers stop jobs ----------------------------------------------------------------------------------
+
+#: ``anomalib zero_shot`` in a fresh process, paused inside the first training (or test) step so that the test can
+#: send SIGTERM there: ``python -c SIGNALLED_RUN <train|test> <config>``.
+SIGNALLED_RUN = """
+import sys, time
+from anomalib_faprompt.models.base import PromptMethod
+from anomalib_faprompt.models.training_rules import MaskSupervisedPromptLearning
+
+stage, config = sys.argv[1:]
+owner, hook = MaskSupervisedPromptLearning, "training_step"
+if stage == "test":
+    owner, hook = PromptMethod, "test_step"
+step = getattr(owner, hook)
+
+def paused(self, *args, **kwargs):
+    print("IN STEP", flush=True)
+    time.sleep(120)
+    return step(self, *args, **kwargs)
+
+setattr(owner, hook, paused)
+from anomalib.cli.cli import main
+sys.argv = ["anomalib", "zero_shot", "--config", config]
+main()
+"""
+
+
+class Output:
+    """The lines a process prints, read as they come (a thread), so that a test can wait for one of them."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self.reader.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, marker: str, timeout: float) -> bool:
+        """Whether the line ``marker`` came before the output ended or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                return False
+            self.seen.append(line)
+            if line.strip() == marker:
+                return True
+        return False
+
+    def text(self) -> str:
+        """Everything printed so far (all of it once the process has ended)."""
+        self.reader.join(timeout=30)
+        while not self.lines.empty():
+            line = self.lines.get()
+            if line is not None:
+                self.seen.append(line)
+        return "".join(self.seen)
+
+
+@pytest.mark.parametrize("stage", ["train", "test"])
+def test_sigterm_stops_the_run_with_an_error_status_and_the_rerun_resumes(tmp_path, root, tiny_clip, first_run, fits,
+                                                                         stage):  # fmt: skip
+    from anomalib_faprompt.pipelines.result_files import results_dir_lock
+
+    results = tmp_path / "results"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(config_for(root, results, tiny_clip)))
+    process = subprocess.Popen([sys.executable, "-c", SIGNALLED_RUN, stage, str(config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    output = Output(process)
+    try:
+        assert output.wait_for("IN STEP", timeout=300), output.text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    printed = output.text()
+
+    assert process.returncode == 128 + signal.SIGTERM, printed[-3000:]
+    assert "zero_shot stopped by SIGTERM" in printed
+    assert not (results / "results.csv").exists()
+    with results_dir_lock(results):  # released: another run may take it
+        pass
+    kept = learned_prompts(results)
+    assert len(kept) == (0 if stage == "train" else 1), "prompts learned before the signal are kept"
+
+    rerun = ZeroShot().run_config(config_for(root, results, tiny_clip))
+
+    assert fits == (["FAPrompt"] if stage == "train" else []), "the rerun resumes the prompts learned before"
+    assert values(rerun) == pytest.approx(values(first_run[1]), abs=1e-6), "the table of an uninterrupted run"
+
+
+# Targets: each category once, and never one the prompts were learned on ---------------------------------------------
+
+
+def test_an_auxiliary_category_among_the_targets_is_refused_before_any_work(tmp_path, root, tiny_clip, fits):
+    config = config_for(root, tmp_path / "results", tiny_clip)
+    config["targets"][0]["categories"] = [*TARGETS, AUXILIARY[0]]
+    with pytest.raises(ValueError, match=rf"MVTecAD/{AUXILIARY[0]}: auxiliary categories that are also targets.*"
+                                         r"allow_overlap: true"):  # fmt: skip
+        ZeroShot().run_config(config)
+    assert fits == []
+    assert not (tmp_path / "results").exists()
+
+
+def test_allow_overlap_runs_and_marks_the_overlapping_rows(tmp_path, root, tiny_clip, first_run):
+    results = tmp_path / "results"
+    config = config_for(root, results, tiny_clip) | {"allow_overlap": True}
+    config["targets"][0]["categories"] = [*TARGETS, AUXILIARY[0]]
+
+    table = ZeroShot().run_config(config)
+
+    marked = table.set_index("category").auxiliary_overlap
+    assert marked.to_dict() == {TARGETS[0]: False, AUXILIARY[0]: True, "mean": True}
+    assert values(table[table.category == TARGETS[0]]) == pytest.approx(
+        values(first_run[1][first_run[1].category == TARGETS[0]]), abs=1e-6
+    )
+    markdown = (results / "results.md").read_text()
+    assert f"| FAPrompt | MVTecAD | {AUXILIARY[0]} (auxiliary) |" in markdown
+    assert "(auxiliary): also an auxiliary category" in markdown
+    assert pd.read_csv(results / "results.csv").auxiliary_overlap.tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize("where", ["one entry", "two entries"])
+def test_a_target_category_listed_twice_is_refused(tmp_path, root, tiny_clip, fits, where):
+    config = config_for(root, tmp_path / "results", tiny_clip)
+    if where == "one entry":
+        config["targets"][0]["categories"] = [TARGETS[0], TARGETS[0]]
+        refusal = rf"targets\[0\].categories lists \['{TARGETS[0]}'\] more than once"
+    else:
+        config["targets"].append(copy.deepcopy(config["targets"][0]))
+        refusal = rf"targets\[0\] and targets\[1\] both list MVTecAD/{TARGETS[0]}: .*two identical rows"
+    with pytest.raises(ValueError, match=refusal):
+        ZeroShot().run_config(config)
+    assert fits == []
+    assert not (tmp_path / "results").exists()
+
+
+# Config mistakes: one line naming the key, nothing left behind ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mistake", "change", "expected"),
+    [
+        ("misspelt model", lambda c: c["models"][0].update(class_path="FAPromt"),
+         "error: models[0].class_path 'FAPromt' is not an anomalib model; did you mean 'FAPrompt'? Known: "),
+        ("misspelt init arg", lambda c: c["models"][0]["init_args"].update(sigmaa=2.0),
+         "error: models[0].init_args.sigmaa is not an argument of FAPrompt; did you mean 'sigma'? Its arguments: "),
+        ("no categories", lambda c: c["targets"][0].update(categories=[]),
+         "error: targets[0].categories must be 'all' or a non-empty list of category names"),
+        ("misspelt datamodule", lambda c: c["targets"][0].update(dataset={"class_path": "MVTecDA"}),
+         "error: targets[0].dataset.class_path 'MVTecDA' is not an anomalib datamodule; did you mean 'MVTecAD'?"),
+        ("results_dir is a file", None, "error: results_dir '{results}' is a file, not a folder"),
+    ],
+)  # fmt: skip
+def test_a_config_mistake_ends_in_one_line_naming_the_key(tmp_path, root, tiny_clip, capsys, mistake, change,
+                                                          expected):  # fmt: skip
+    from argparse import Namespace
+
+    results = tmp_path / "results"
+    config = config_for(root, results, tiny_clip)
+    if change is None:
+        results.write_text("not a folder")
+    else:
+        change(config)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    with pytest.raises(SystemExit) as exit_info:
+        ZeroShot().run(Namespace(config=str(path)))
+
+    assert exit_info.value.code == 2, mistake
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert error.splitlines()[-1].startswith(expected.format(results=results)), error[-2000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.yaml"] + ["results"] * (change is None)
+
+
+# Undefined metrics in the table -------------------------------------------------------------------------------------
+
+
+def test_a_category_without_normal_test_images_is_n_a_and_left_out_of_the_mean(tmp_path, root, tiny_clip, first_run,
+                                                                              caplog):  # fmt: skip
+    """Its image metrics are undefined (only anomalous images); its pixel metrics are not (the masks have both)."""
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    shutil.copytree(data / TARGETS[0], data / "only_defects")
+    shutil.rmtree(data / "only_defects" / "test" / "good")
+    [prompts] = learned_prompts(first_run[0])
+    results = tmp_path / "results"
+    config = config_for(data, results, tiny_clip)
+    config["models"][0]["init_args"]["prompt_weights"] = str(prompts)  # the first run's prompts: nothing to learn
+    config["targets"][0]["categories"] = [TARGETS[0], "only_defects"]
+
+    with caplog.at_level(logging.WARNING):
+        table = ZeroShot().run_config(config)
+
+    rows = table.set_index("category")
+    image = ["image_AUROC", "image_AP"]
+    assert rows.loc["only_defects", image].isna().all()
+    assert (
+        "image_AUROC is undefined on MVTecAD/only_defects (test split): its 2 images are all anomalous" in caplog.text
+    )
+    defined = values(first_run[1][first_run[1].category == TARGETS[0]])
+    assert values(table[table.category == TARGETS[0]]) == pytest.approx(defined, abs=1e-6)
+    for name in METRICS:  # means over the categories where the metric is defined, counted
+        entered = [TARGETS[0]] if name in image else [TARGETS[0], "only_defects"]
+        assert rows.loc["mean", name] == pytest.approx(rows.loc[entered, name].mean(), abs=1e-9)
+        assert rows.loc["mean", f"{name}_categories"] == len(entered)
+    markdown = (results / "results.md").read_text()
+    mean = f"{100 * rows.loc['mean', 'image_AUROC']:.1f} (1/2)"
+    assert "| FAPrompt | MVTecAD | only_defects | n/a | n/a | " in markdown
+    assert f"| FAPrompt | mean | mean | {mean} |" in markdown
+    assert "n/a: undefined on that category" in markdown
+    stored = [json.loads(path.read_text()) for path in results.rglob("rows/MVTecAD_only_defects-*.json")]
+    assert [row["metrics"]["image_AUROC"] for row in stored] == [None]  # JSON null, read back as NaN on a rerun
+    rerun = ZeroShot().run_config(config)
+    pd.testing.assert_frame_equal(rerun, table)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "error: zero_shot config '{path}' does not exist."),
+        ("models: [FAPrompt\nseed: 0\n", "error: zero_shot config '{path}' is not valid YAML: while parsing a flow"),
+        ("- FAPrompt\n", "error: zero_shot config '{path}' must be a mapping of settings"),
+    ],
+)
+def test_an_unreadable_config_file_ends_in_one_line_naming_it(tmp_path, capsys, content, expected):
+    from argparse import Namespace
+
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        ZeroShot().run(Namespace(config=str(path)))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert error.splitlines()[-1].startswith(expected.format(path=path)), error[-1000:]

@@ -104,7 +104,7 @@ def plan_references(targets: Iterable[Any], shots: Sequence[Shot]) -> dict[tuple
     """The reference image files of every (dataset, category, shot) with k > 0, drawn before any work.
 
     Args:
-        targets: The config's target :class:`~anomalib_faprompt.pipelines.zero_shot.DatasetSpec` s.
+        targets: The config's target :class:`~anomalib_faprompt.pipelines.datasets.DatasetSpec` s.
         shots: :func:`plan_shots`.
 
     Returns:

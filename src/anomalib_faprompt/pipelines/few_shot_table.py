@@ -20,10 +20,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from .table_values import OVERLAP, category_cell, count_column, percent, rows_and_means
 
 #: Delta degrees of freedom of the standard deviations over samplings (0: the population's, numpy's default).
 STD_DDOF = 0
@@ -37,35 +40,46 @@ def is_few_shot(rows: pd.DataFrame) -> bool:
 def _spread(rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     grouped = rows.groupby(["model", "k", "dataset", "category"], sort=False)
     std = grouped[list(metrics)].std(ddof=STD_DDOF).rename(columns=lambda name: f"{name}_std")
+    # The categories a metric is defined on depend on the test split, not on the references: the same in every
+    # sampling (the maximum also holds if one sampling alone were undefined).
+    counts = grouped[[count_column(name) for name in metrics] + [OVERLAP] * (OVERLAP in rows)].max()
     spread = pd.concat(
-        [grouped[list(metrics)].mean(), std, grouped.size().rename("samplings"), grouped["notice"].first()], axis=1
+        [grouped[list(metrics)].mean(), std, grouped.size().rename("samplings"), grouped["notice"].first(), counts],
+        axis=1,
     ).reset_index()
     spread.loc[spread.samplings == 1, list(std.columns)] = np.nan
     return spread
 
 
 def summarise_few_shot(rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """The table of a few-shot run from its rows (``model, dataset, category, k, sampling``, metrics, ``notice``)."""
-    if "notice" not in rows:
-        rows = rows.assign(notice="")
-    per_sampling = rows.groupby(["model", "k", "sampling"], sort=False)
-    means = per_sampling.agg({**dict.fromkeys(metrics, "mean"), "notice": "first"}).reset_index()
-    means["dataset"], means["category"] = "mean", "mean"
+    """The table of a few-shot run from its rows (``model, dataset, category, k, sampling``, metrics, ``notice``).
+
+    Undefined (NaN) values are left out of every mean; ``<metric>_categories`` counts the categories that entered
+    it (:mod:`~anomalib_faprompt.pipelines.table_values`).
+    """
+    rows, means = rows_and_means(rows, metrics, ["model", "k", "sampling"])
+    marked = [OVERLAP] if OVERLAP in rows else []
     table = pd.concat([_spread(rows, metrics), _spread(means, metrics)], ignore_index=True)
     columns = [column for name in metrics for column in (name, f"{name}_std")]
-    return table[["model", "dataset", "category", "k", "samplings", *columns, "notice"]]
+    counts = [count_column(name) for name in metrics]
+    return table[["model", "dataset", "category", "k", "samplings", *columns, "notice", *counts, *marked]]
 
 
-def _percent(mean: float, std: float) -> str:
-    return f"{100 * mean:.1f}" if np.isnan(std) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+def _percent(mean: float, std: float, count: Any, total: int | None) -> str:
+    text = percent(mean, count, total)
+    return text if np.isnan(std) or text == "n/a" else f"{text} ± {100 * std:.1f}"
 
 
 def few_shot_markdown(table: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
     """Markdown lines: metrics in percent as ``mean ± std`` (over the samplings) for k > 0, then what they mean."""
     lines = ["| model | dataset | category | k | " + " | ".join(metrics) + " |", "|" + "---|" * (4 + len(metrics))]
+    categories = table[table.category != "mean"].groupby(["model", "k"], sort=False).size()
     for row in table.to_dict("records"):
-        values = " | ".join(_percent(row[name], row[f"{name}_std"]) for name in metrics)
-        lines.append(f"| {row['model']} | {row['dataset']} | {row['category']} | {row['k']} | {values} |")
+        total = int(categories.get((row["model"], row["k"]), 0)) if row["category"] == "mean" else None
+        values = " | ".join(
+            _percent(row[name], row[f"{name}_std"], row.get(count_column(name)), total) for name in metrics
+        )
+        lines.append(f"| {row['model']} | {row['dataset']} | {category_cell(row)} | {row['k']} | {values} |")
     samplings = int(table.samplings.max())
     return [
         *lines,

@@ -17,15 +17,12 @@ import itertools
 import json
 import logging
 import os
-import pickle
 import socket
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
-
-import torch
 
 try:
     import fcntl
@@ -113,21 +110,22 @@ def read_json(path: Path, required: Collection[str], repair: bool = True) -> dic
 
 
 def readable_prompts(path: Path, repair: bool = True) -> bool:
-    """Whether a prompt file written by this pipeline loads (a kill can leave a truncated one); set aside if not.
+    """Whether a prompt file written by this pipeline loads intact; set aside (and so relearned) if not.
 
-    With ``repair=False`` (the other processes of a distributed run: rank 0 repairs) it is only read.
+    A kill, a full disk or bit rot can leave a truncated or damaged file: its archive's checksums are compared
+    (:func:`~anomalib_faprompt.prompt_weights.read_torch_file`). With ``repair=False`` (the other processes of a
+    distributed run: rank 0 repairs) it is only read.
     """
-    from anomalib.utils.serialization import anomalib_safe_globals
+    from anomalib_faprompt.prompt_weights import read_torch_file
 
     if not path.is_file():
         return False
     try:
-        with anomalib_safe_globals():  # what prompt_weights accepts when loading
-            content = torch.load(path, map_location="cpu", weights_only=True)
+        content = read_torch_file(path, "Prompt file")
         if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
             msg = "not a prompt file"
             raise ValueError(msg)
-    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+    except ValueError as error:  # damaged, truncated or foreign: read_torch_file names the cause
         if repair:
             set_aside(path, error)
         return False
