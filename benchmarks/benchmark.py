@@ -1,4 +1,4 @@
-"""Speed and memory of every method (AnomalyCLIP, FAPrompt, PromptAD), printed as JSON.
+"""Speed and memory of every method of the method list, printed as JSON.
 
 Per method: FLOPs per image, inference latency and throughput per batch size, one training step
 (and the forward cost of the frozen vision encoder on the same batch), peak memory, and the
@@ -33,27 +33,21 @@ so that it finishes in under 10 minutes on 2 cores; pass ``--repeats``/``--warmu
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import os
-import platform
-import resource
-import statistics
-import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+from end_to_end import CATEGORY, end_to_end
+from measure import METHODS, PeakMemory, accepted_settings, emit, machine, synchronise, timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_faprompt.clip.compiled import COMPILE_MODES
-from anomalib_faprompt.methods import METHODS as METHOD_LIST
 from anomalib_faprompt.methods import Learning
-from anomalib_faprompt.models.training_rules import NormalFewShotPromptLearning
+from anomalib_faprompt.models.training_rules import NoPromptLearning, NormalFewShotPromptLearning
 
 #: Model settings per configuration (the paper's are ``large``).
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -64,54 +58,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # PromptAD's released backbone and size (the others with the small config's layers).
     "promptad": {"backbone": "ViT-B-16-plus-240", "image_size": 240, "dpam_layers": 10, "feature_layers": (6, 12)},
 }
-#: The category of methods whose prompts name the object (PromptAD's manual anomaly states).
-CATEGORY = "bottle"
-#: Every method of the package (``anomalib_faprompt.methods.METHODS``), by short name.
-METHODS = {name: method.load() for name, method in METHOD_LIST.items()}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Timing defaults: (repeats, warm-up runs, training batch) per (config, device type).
 TIMING_DEFAULTS: dict[tuple[str, str], tuple[int, int, int]] = {("large", "cpu"): (1, 0, 2)}
 DEFAULT_TIMING = (3, 1, 8)
-
-
-def accepted_settings(model_class: type, config: dict[str, Any]) -> dict[str, Any]:
-    """The settings of ``config`` that ``model_class`` takes (``feature_layers`` only where a method has them)."""
-    parameters = inspect.signature(model_class.__init__).parameters
-    return {key: value for key, value in config.items() if key in parameters}
-
-
-def synchronise(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall time covers it.
-
-    Args:
-        device: Device the work runs on; nothing to wait for on CPU.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(function: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``function``.
-
-    Args:
-        function: Work to time.
-        device: Device it runs on (synchronised before reading the clock).
-        repeats: Timed runs.
-        warmup: Untimed runs before them.
-
-    Returns:
-        Median seconds per run.
-    """
-    for _ in range(warmup):
-        function()
-    synchronise(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        synchronise(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -137,60 +87,6 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
         synchronise(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
-
-
-def _resident_mb() -> float:
-    """Current resident set size of this process in MiB (Linux), else the peak so far."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PeakMemory:
-    """Peak memory during a ``with`` block: CUDA allocator peak, or sampled process RSS on CPU.
-
-    Args:
-        device: Device whose memory to watch.
-        interval: Sampling period in seconds on CPU.
-
-    Example:
-        >>> with PeakMemory(torch.device("cpu")) as peak:
-        ...     _ = torch.ones(1024, 1024)
-        >>> peak.megabytes > 0
-        True
-    """
-
-    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
-        self.device = device
-        self.interval = interval
-        self.megabytes = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.megabytes = max(self.megabytes, _resident_mb())
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.megabytes = _resident_mb()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.device.type == "cuda":
-            synchronise(self.device)
-            self.megabytes = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.megabytes = max(self.megabytes, _resident_mb())
 
 
 def build(method: str, config: dict[str, Any], device: torch.device) -> torch.nn.Module:
@@ -244,10 +140,30 @@ def benchmark_method(
         return torch.randn(batch, 3, size, size, device=device)
 
     shots = images(args.k_shot)
-    if Learning.FEW_SHOT_PROMPTS in METHOD_LIST[method].learning_types:
+    if Learning.FEW_SHOT_PROMPTS in METHODS[method].learning_types:
         model.add_references(shots)  # it scores against the visual memory of k normal images
     model.eval()
-    # Count with the math attention backend: the flop counter does not see every fused kernel (CPU's).
+    result: dict[str, Any] = {"method": method, **flop_counts(model, images, autocast)}
+    result["inference"] = {
+        f"batch_{batch}": inference_figures(model, images(batch), result["gflops_per_image"], rate, autocast, args)
+        for batch in args.batch_sizes
+    }
+    if args.inference_compile:
+        result["inference_compiled"] = compiled_figures(model, images, result, rate, autocast, args)
+    if args.end_to_end:
+        result["end_to_end"] = end_to_end(method, config, args, device, result)
+    if not args.no_training and not isinstance(module.training_rule, NoPromptLearning):
+        result["training_step"] = training_figures(module, images, shots, autocast, args)
+    return result | precision_figures(model, images, autocast, args)
+
+
+def flop_counts(
+    model: torch.nn.Module, images: Callable[[int], torch.Tensor], autocast: Callable[[], AbstractContextManager]
+) -> dict[str, float]:
+    """GFLOPs per image of the whole model and of its vision encoder, static text cached (steady-state inference).
+
+    Counted with the math attention backend: the flop counter does not see every fused kernel (CPU's).
+    """
     with torch.no_grad(), autocast(), sdpa_kernel(SDPBackend.MATH):
         model(images(1))  # caches the static text, which inference encodes once, not per image
         with FlopCounterMode(display=False) as counter:
@@ -256,56 +172,71 @@ def benchmark_method(
         with FlopCounterMode(display=False) as counter:
             model.encode_image(images(1), model.feature_layers)
         vision_flops_per_image = counter.get_total_flops()
+    return {"gflops_per_image": flops_per_image / 1e9, "vision_gflops_per_image": vision_flops_per_image / 1e9}
 
-    result: dict[str, Any] = {
-        "method": method,
-        "gflops_per_image": flops_per_image / 1e9,
-        "vision_gflops_per_image": vision_flops_per_image / 1e9,
-        "inference": {},
+
+def inference_figures(
+    model: torch.nn.Module,
+    batch_images: torch.Tensor,
+    gflops_per_image: float,
+    rate: float,
+    autocast: Callable[[], AbstractContextManager],
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Latency, throughput, achieved GFLOP/s, efficiency against the matmul rate and peak memory of one batch."""
+    device, batch = batch_images.device, batch_images.shape[0]
+    with torch.no_grad(), autocast(), PeakMemory(device) as peak:
+        seconds = timed(lambda: model(batch_images), device, args.repeats, args.warmup)
+    images_per_second = batch / seconds
+    return {
+        "seconds_per_batch": seconds,
+        "seconds_per_image": seconds / batch,
+        "images_per_second": images_per_second,
+        "achieved_gflops": gflops_per_image * images_per_second,
+        "efficiency_vs_matmul": gflops_per_image * images_per_second / rate,
+        "peak_memory_mb": peak.megabytes,
     }
 
-    def measure_inference(batch: int) -> dict[str, float]:
-        batch_images = images(batch)
-        with torch.no_grad(), autocast(), PeakMemory(device) as peak:
-            seconds = timed(lambda: model(batch_images), device, args.repeats, args.warmup)
-        images_per_second = batch / seconds
-        return {
-            "seconds_per_batch": seconds,
-            "seconds_per_image": seconds / batch,
-            "images_per_second": images_per_second,
-            "achieved_gflops": flops_per_image * images_per_second / 1e9,
-            "efficiency_vs_matmul": flops_per_image * images_per_second / (rate * 1e9),
-            "peak_memory_mb": peak.megabytes,
-        }
 
+def compiled_figures(
+    model: torch.nn.Module,
+    images: Callable[[int], torch.Tensor],
+    result: dict[str, Any],
+    rate: float,
+    autocast: Callable[[], AbstractContextManager],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Every batch size again with the model setting users set (``inference_compile``), after counting FLOPs.
+
+    Each batch size compiles once, in its own untimed first call (the warm-up), then is timed as eager was.
+    """
+    model.compile_inference(args.inference_compile)
+    figures: dict[str, Any] = {"mode": args.inference_compile}
     for batch in args.batch_sizes:
-        result["inference"][f"batch_{batch}"] = measure_inference(batch)
-    if args.inference_compile:
-        # The model setting users set (inference_compile), after counting FLOPs; each batch size compiles once,
-        # in its own untimed first call (the warm-up), then is timed as eager was.
-        model.compile_inference(args.inference_compile)
-        result["inference_compiled"] = {"mode": args.inference_compile}
-        for batch in args.batch_sizes:
-            with torch.no_grad(), autocast():
-                model(images(batch))
-            figures = measure_inference(batch)
-            eager = result["inference"][f"batch_{batch}"]
-            result["inference_compiled"][f"batch_{batch}"] = figures | {
-                "warmup_seconds": sum(
-                    seconds for key, seconds in model.compiled_vision.warmup_seconds.items() if key[0][0] == batch
-                ),
-                "speedup_vs_eager": eager["seconds_per_batch"] / figures["seconds_per_batch"],
-            }
-        warmups = model.compiled_vision.warmup_seconds
-        result["inference_compiled"]["warmup_seconds_per_input"] = {
-            str(key[0]): value for key, value in warmups.items()
+        with torch.no_grad(), autocast():
+            model(images(batch))
+        timing = inference_figures(model, images(batch), result["gflops_per_image"], rate, autocast, args)
+        eager = result["inference"][f"batch_{batch}"]
+        warmup = sum(seconds for key, seconds in model.compiled_vision.warmup_seconds.items() if key[0][0] == batch)
+        figures[f"batch_{batch}"] = timing | {
+            "warmup_seconds": warmup,
+            "speedup_vs_eager": eager["seconds_per_batch"] / timing["seconds_per_batch"],
         }
-    if args.end_to_end:
-        result["end_to_end"] = end_to_end(method, config, args, device, result)
+    warmups = model.compiled_vision.warmup_seconds
+    figures["warmup_seconds_per_input"] = {str(key[0]): value for key, value in warmups.items()}
+    return figures
 
-    if args.no_training:
-        return result | precision_figures(model, images, autocast, args)
-    if isinstance(module, NormalFewShotPromptLearning):
+
+def training_figures(
+    module: torch.nn.Module,
+    images: Callable[[int], torch.Tensor],
+    shots: torch.Tensor,
+    autocast: Callable[[], AbstractContextManager],
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """One optimiser step of the method's training rule, against the frozen vision forward on the same batch."""
+    model, device = module.model, shots.device
+    if isinstance(module.training_rule, NormalFewShotPromptLearning):
         batch, batch_images = args.k_shot, shots
         module.prepare_shots(shots)  # a fit encodes the k shots once; each step runs the text side only
 
@@ -315,6 +246,7 @@ def benchmark_method(
     else:
         batch = args.train_batch_size
         batch_images = images(batch)
+        size = batch_images.shape[-1]
         masks = torch.zeros(batch, size, size, device=device)
         masks[: batch // 2, size // 4 : size // 2, size // 4 : size // 2] = 1
         labels = (masks.flatten(1).amax(dim=1) > 0).long()
@@ -336,17 +268,17 @@ def benchmark_method(
     with PeakMemory(device) as peak:
         step_seconds = timed(training_step, device, args.repeats, args.warmup)
     with torch.no_grad(), autocast():
-        vision_seconds = timed(
+        vision = timed(
             lambda: model.encode_image(batch_images, model.feature_layers), device, args.repeats, args.warmup
         )
-    result["training_step"] = {
+    model.eval()
+    return {
         "batch_size": batch,
         "seconds": step_seconds,
-        "vision_forward_seconds": vision_seconds,
-        "step_over_vision_forward": step_seconds / vision_seconds,
+        "vision_forward_seconds": vision,
+        "step_over_vision_forward": step_seconds / vision,
         "peak_memory_mb": peak.megabytes,
     }
-    return result | precision_figures(model, images, autocast, args)
 
 
 def precision_figures(
@@ -359,90 +291,6 @@ def precision_figures(
     if args.precision == "fp32":
         return {}
     return {"score_difference_vs_fp32": precision_difference(model, images(4), autocast)}
-
-
-def end_to_end(
-    method: str, config: dict[str, Any], args: argparse.Namespace, device: torch.device, result: dict[str, Any]
-) -> dict[str, Any]:
-    """``Engine.test`` on a folder of full-size PNG images against the model alone, in images per second.
-
-    The engine path decodes the PNGs in ``--num-workers`` loader processes (pinned memory on GPUs), moves the
-    full-size batch to the device, resizes it there (anomalib's pre-processor runs on the device), runs the model,
-    post-processes and computes the default metrics; visualisation is off (it writes files, a cost of its own).
-    Two identical runs; the second is reported (the first pays one-off costs: loader start-up, lazy CUDA
-    initialisation, compilation). The model-only figure is the same batch size's inference figure of this run.
-
-    Args:
-        method: A method's short name (a key of :data:`METHODS`).
-        config: One of :data:`CONFIGS`.
-        args: Parsed command line (``end_to_end`` images, ``end_to_end_image_size``, ``num_workers``, ...).
-        device: Device to run on.
-        result: The method's report so far (its inference figures).
-
-    Returns:
-        Engine and model-only throughput and their ratio.
-    """
-    import tempfile
-
-    from anomalib.data import MVTecAD
-    from anomalib.engine import Engine
-
-    from anomalib_faprompt.data import generate_synthetic_dataset
-
-    batch = args.end_to_end_batch_size
-    inference = result.get("inference_compiled", result["inference"])[f"batch_{batch}"]
-    settings = accepted_settings(METHODS[method], {**config, "category": CATEGORY})
-    torch.manual_seed(0)
-    module = METHODS[method](
-        **settings,
-        pretrained=None,
-        allow_untrained_prompts=True,
-        inference_compile=args.inference_compile,
-        visualizer=False,
-    )
-    precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[args.precision]
-    with tempfile.TemporaryDirectory() as folder:
-        # Half normal, half anomalous with masks, as the metrics need both.
-        root = generate_synthetic_dataset(
-            folder,
-            categories=["stripes"],
-            n_train=1,
-            n_test=args.end_to_end // 2,
-            image_size=args.end_to_end_image_size,
-        )
-        datamodule = MVTecAD(
-            root=root, category="stripes", eval_batch_size=batch, train_batch_size=1, num_workers=args.num_workers
-        )
-        if Learning.FEW_SHOT_PROMPTS in METHOD_LIST[method].learning_types:
-            module.model.add_references(torch.randn(args.k_shot, 3, config["image_size"], config["image_size"]))
-        seconds = []
-        for _ in range(2):
-            engine = Engine(
-                accelerator=device.type,
-                devices=[device.index or 0] if device.type == "cuda" else 1,
-                precision=precision,
-                logger=False,
-                default_root_dir=folder,
-                enable_progress_bar=False,
-            )
-            start = time.perf_counter()
-            engine.test(module, datamodule=datamodule, verbose=False)
-            synchronise(device)
-            seconds.append(time.perf_counter() - start)
-        images = len(datamodule.test_data)
-    engine_rate = images / seconds[-1]
-    return {
-        "images": images,
-        "image_size": args.end_to_end_image_size,
-        "batch_size": batch,
-        "num_workers": args.num_workers,
-        "precision": precision,
-        "engine_seconds": seconds[-1],
-        "engine_seconds_first_run": seconds[0],
-        "engine_images_per_second": engine_rate,
-        "model_images_per_second": inference["images_per_second"],
-        "engine_over_model": engine_rate / inference["images_per_second"],
-    }
 
 
 def precision_difference(
@@ -524,27 +372,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = warmup if args.warmup is None else args.warmup
     args.train_batch_size = train_batch if args.train_batch_size is None else args.train_batch_size
     return args
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """What the figures were measured on: device, CPU threads, torch and Python versions, how memory is read."""
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "memory": "CUDA allocator peak" if device.type == "cuda" else "process peak RSS (sampled)",
-    }
-
-
-def emit(report: dict[str, Any], output: str | None) -> dict[str, Any]:
-    """Print the JSON report, also write it to ``output`` if given; returns it."""
-    text = json.dumps(report, indent=2)
-    print(text)
-    if output:
-        with open(output, "w") as file:
-            file.write(text + "\n")
-    return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

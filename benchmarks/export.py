@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
-import json
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -33,40 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from anomalib_faprompt.methods import METHODS as METHOD_LIST
+from measure import METHODS, accepted_settings, emit, machine, timed
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "small": {"backbone": "ViT-B-16", "image_size": 224, "dpam_layers": 10, "feature_layers": (3, 6, 9, 12)},
     "large": {"backbone": "ViT-L-14-336", "image_size": 518, "dpam_layers": 19, "feature_layers": (6, 12, 18, 24)},
 }
-#: Every method of the package (``anomalib_faprompt.methods.METHODS``), by short name.
-METHODS = {name: method.load() for name, method in METHOD_LIST.items()}
-
-
-def accepted_settings(model_class: type, config: dict[str, Any]) -> dict[str, Any]:
-    """The settings of ``config`` that ``model_class`` takes (``feature_layers`` only where a method has them)."""
-    parameters = inspect.signature(model_class.__init__).parameters
-    return {key: value for key, value in config.items() if key in parameters}
-
-
-def median_seconds(function: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``function`` after one untimed run.
-
-    Args:
-        function: Work to time.
-        repeats: Timed runs.
-
-    Returns:
-        Median seconds per run.
-    """
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+CPU = torch.device("cpu")
+Runner = Callable[[], dict[str, np.ndarray]]
 
 
 def benchmark_method(method: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -80,15 +50,10 @@ def benchmark_method(method: str, args: argparse.Namespace, folder: Path) -> dic
     Returns:
         The method's entry of the JSON report.
     """
-    import onnxruntime
-    import openvino
-
     torch.manual_seed(0)
-    config = CONFIGS[args.config]
-    settings = accepted_settings(METHODS[method], config)
+    settings = accepted_settings(METHODS[method], CONFIGS[args.config])
     model = METHODS[method](**settings, pretrained=None).eval()
     model.model.prompts_ready.fill_(True)  # random prompts: fine for speed and export fidelity, see the docstring
-
     start = time.perf_counter()
     onnx_path = model.to_onnx(folder / method)
     onnx_seconds = time.perf_counter() - start
@@ -99,48 +64,73 @@ def benchmark_method(method: str, args: argparse.Namespace, folder: Path) -> dic
     # Raw images at another size than the model's: the exported graphs resize them themselves.
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(args.batch_size, 3, args.input_size, args.input_size, generator=generator)
-    array = images.numpy()
+    openvino_run, openvino_precision = openvino_runner(openvino_path, images, args.openvino_precision)
+    backends = {"torch": torch_runner(model, images), "onnxruntime": onnx_runner(onnx_path, images),
+                "openvino": openvino_run}  # fmt: skip
+    reference = backends["torch"]()
+    seconds = {name: timed(run, CPU, args.repeats, 1) / args.batch_size for name, run in backends.items()}
+    return {
+        "method": method,
+        "openvino_inference_precision": openvino_precision,
+        "export_seconds": {"onnx": onnx_seconds, "openvino": openvino_seconds},
+        "max_difference_vs_torch": {
+            name: max_differences(run(), reference) for name, run in backends.items() if name != "torch"
+        },
+        "seconds_per_image": seconds,
+        "speedup_vs_torch": {name: seconds["torch"] / value for name, value in seconds.items() if name != "torch"},
+    }
 
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    output_names = [node.name for node in session.get_outputs()]
-    compiled = openvino.Core().compile_model(
-        str(openvino_path), "CPU", {"INFERENCE_PRECISION_HINT": args.openvino_precision}
-    )
 
-    def run_torch() -> dict[str, np.ndarray]:
+def max_differences(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """The largest absolute difference of score and map from the reference's."""
+    return {key: float(np.abs(np.asarray(outputs[key]).reshape(reference[key].shape) - reference[key]).max())
+            for key in ("pred_score", "anomaly_map")}  # fmt: skip
+
+
+def torch_runner(model: torch.nn.Module, images: torch.Tensor) -> Runner:
+    """The Lightning module's ``forward`` (pre-processing, model, post-processing), as anomalib exports it."""
+
+    def run() -> dict[str, np.ndarray]:
         with torch.no_grad():
             output = model(images)
         return {"pred_score": output.pred_score.numpy(), "anomaly_map": output.anomaly_map.numpy()}
 
-    def run_onnx() -> dict[str, np.ndarray]:
-        return dict(zip(output_names, session.run(None, {input_name: array}), strict=True))
+    return run
 
-    def run_openvino() -> dict[str, np.ndarray]:
-        return {next(iter(port.names)): value for port, value in compiled(array).items()}
 
-    backends = {"torch": run_torch, "onnxruntime": run_onnx, "openvino": run_openvino}
-    reference = run_torch()
-    result: dict[str, Any] = {
-        "method": method,
-        "openvino_inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
-        "export_seconds": {"onnx": onnx_seconds, "openvino": openvino_seconds},
-        "max_difference_vs_torch": {},
-        "seconds_per_image": {},
+def onnx_runner(path: Path, images: torch.Tensor) -> Runner:
+    """The ONNX graph in ONNX Runtime's CPU provider."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name, output_names = session.get_inputs()[0].name, [node.name for node in session.get_outputs()]
+    array = images.numpy()
+    return lambda: dict(zip(output_names, session.run(None, {input_name: array}), strict=True))
+
+
+def openvino_runner(path: Path, images: torch.Tensor, precision: str) -> tuple[Runner, str]:
+    """The OpenVINO model compiled for the CPU with ``INFERENCE_PRECISION_HINT`` = ``precision``, and the precision
+    the compiled model reports (a CPU without bf16/f16 runs f32 whatever is asked)."""
+    import openvino
+
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    array = images.numpy()
+    reported = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return lambda: {next(iter(port.names)): value for port, value in compiled(array).items()}, reported
+
+
+def openvino_machine() -> dict[str, Any]:
+    """The runtimes' versions and what OpenVINO's CPU plugin can do and does by default."""
+    import onnxruntime
+    import openvino
+
+    core = openvino.Core()
+    return {
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino.__version__,
+        "openvino_cpu_capabilities": core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+        "openvino_cpu_default_precision": core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
     }
-    for name, run in backends.items():
-        if name != "torch":
-            outputs = run()
-            result["max_difference_vs_torch"][name] = {
-                key: float(np.abs(np.asarray(outputs[key]).reshape(reference[key].shape) - reference[key]).max())
-                for key in ("pred_score", "anomaly_map")
-            }
-        result["seconds_per_image"][name] = median_seconds(run, args.repeats) / args.batch_size
-    torch_seconds = result["seconds_per_image"]["torch"]
-    result["speedup_vs_torch"] = {
-        name: torch_seconds / seconds for name, seconds in result["seconds_per_image"].items() if name != "torch"
-    }
-    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -166,25 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--output", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
-
-    import onnxruntime
-    import openvino
-
     # The exporters report progress on stdout; keep stdout for the JSON report.
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
         results = [benchmark_method(method, args, Path(folder)) for method in args.methods]
-    core = openvino.Core()
     report = {
-        "machine": {
-            "device": platform.processor() or "cpu",
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "openvino": openvino.__version__,
-            "openvino_cpu_capabilities": core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
-            "openvino_cpu_default_precision": core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
-            "python": sys.version.split()[0],
-        },
+        "machine": machine(CPU) | openvino_machine(),
         "config": {
             "name": args.config,
             **CONFIGS[args.config],
@@ -196,11 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return report
+    return emit(report, args.output)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ from typing import Any
 import torch
 from benchmark import CONFIGS, METHODS, PeakMemory, build, emit, machine, timed
 
-from anomalib_faprompt.methods import METHODS as METHOD_LIST
 from anomalib_faprompt.methods import Learning
 
 #: The methods that score at k = 0 too (zero-shot prompts with optional references).
-REFERENCE_METHODS = sorted(name for name in METHODS if Learning.ZERO_SHOT in METHOD_LIST[name].learning_types)
+REFERENCE_METHODS = sorted(name for name in METHODS if Learning.ZERO_SHOT in METHODS[name].learning_types)
 
 
 def benchmark_references(method: str, config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
