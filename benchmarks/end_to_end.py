@@ -29,17 +29,8 @@ def end_to_end(
     full-size batch to the device, resizes it there (anomalib's pre-processor runs on the device), runs the model,
     post-processes and computes the default metrics; visualisation is off (it writes files, a cost of its own).
     Two identical runs; the second is reported (the first pays one-off costs: loader start-up, lazy CUDA
-    initialisation, compilation). The model-only figure is the same batch size's inference figure of this run.
-
-    Args:
-        method: A method's short name (a key of :data:`METHODS`).
-        config: One of :data:`CONFIGS`.
-        args: Parsed command line (``end_to_end`` images, ``end_to_end_image_size``, ``num_workers``, ...).
-        device: Device to run on.
-        result: The method's report so far (its inference figures).
-
-    Returns:
-        Engine and model-only throughput and their ratio.
+    initialisation, compilation). The model-only figure is the same batch size's inference figure of this run
+    (``result``, the method's report so far); ``args`` gives the images, their size and the loader processes.
     """
     import tempfile
 

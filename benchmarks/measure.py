@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from anomalib_faprompt.methods import METHODS as METHOD_LIST
+from anomalib_faprompt.signatures import constructor_parameters
 
 #: Every method of the package (``anomalib_faprompt.methods.METHODS``), by short name: its Lightning class.
 METHODS = {name: method.load() for name, method in METHOD_LIST.items()}
@@ -32,7 +32,7 @@ METHODS = {name: method.load() for name, method in METHOD_LIST.items()}
 
 def accepted_settings(model_class: type, config: dict[str, Any]) -> dict[str, Any]:
     """The settings of ``config`` that ``model_class`` takes (``feature_layers`` only where a method has them)."""
-    parameters = inspect.signature(model_class.__init__).parameters
+    parameters = constructor_parameters(model_class)  # its own and those it passes on (``**kwargs``) to its bases
     return {key: value for key, value in config.items() if key in parameters}
 
 
