@@ -195,6 +195,18 @@ def test_inference_compile_is_a_run_time_choice_not_taken_from_or_checked_agains
     assert cli(arguments, run=False).model.model.compiled_vision is None
 
 
+def test_normal_fpr_may_be_chosen_at_test_time_for_a_checkpoint_trained_without_it(trained, tiny_mvtec, tmp_path):
+    """Thresholds from normal images are a test-time choice: the prompts do not depend on them."""
+    from anomalib_faprompt.post_processing import NormalFPRPostProcessor
+
+    arguments = ["test", "--model", trained["method"], "--ckpt_path", str(trained["checkpoint"])]
+    arguments += [*data_arguments(tiny_mvtec), "--default_root_dir", str(tmp_path), "--model.normal_fpr", "0.25"]
+    model = cli(arguments, run=False).model
+    assert_rebuilt(model, trained)
+    assert isinstance(model.post_processor, NormalFPRPostProcessor)
+    assert model.post_processor.normal_fpr == 0.25
+
+
 def test_a_model_of_the_other_method_is_refused(trained, tiny_mvtec, capsys):
     other = next(method for method in METHODS if method != trained["method"])
     line = refusal(capsys, ["test", "--model", other, "--ckpt_path", str(trained["checkpoint"])])

@@ -20,13 +20,17 @@ from .registration import register, register_pipelines
 register()
 register_pipelines()  # when anomalib.cli.pipelines has loaded; otherwise the start-up hook does it then
 
-__all__ = [*METHODS, "register"]
+__all__ = [*METHODS, "NormalFPRPostProcessor", "register"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     if name in METHODS:
         return METHODS[name].load()
+    if name == "NormalFPRPostProcessor":  # on first use: anomalib.models imports this package while it loads
+        from .post_processing import NormalFPRPostProcessor
+
+        return NormalFPRPostProcessor
     msg = f"module {__name__!r} has no attribute {name!r}"
     raise AttributeError(msg)
 

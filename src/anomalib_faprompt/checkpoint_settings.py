@@ -19,7 +19,8 @@ need no other model option. The rule, per constructor argument recorded in the c
   A value counts as given when it appears in the command line or in a config file, even when it
   equals the class default: the arguments are parsed a second time without defaults to tell.
 - exceptions: ``pretrained`` and ``max_epochs`` may differ (moved CLIP weights, training longer): the
-  checkpoint still refuses other CLIP weights when it loads (its CLIP identity check). ``prompt_weights``,
+  checkpoint still refuses other CLIP weights when it loads (its CLIP identity check); so may the test-time
+  settings the prompts do not depend on (the few-shot references, ``normal_fpr``). ``prompt_weights``,
   ``allow_untrained_prompts``, ``allow_setting_mismatch`` and the pre-/post-processor, evaluator and
   visualiser are not taken from the checkpoint (the checkpoint holds the prompts; the others are choices
   of the run).
@@ -43,7 +44,9 @@ SPECIAL_CHECKPOINTS = frozenset({"best", "last", "hpc", "registry"})
 
 #: Settings taken from the checkpoint when not given, that may be given with another value.
 # Test-time settings of few-shot references may differ too: the prompts do not depend on them.
-MAY_DIFFER = frozenset({"pretrained", "max_epochs", "k_shot", "few_shot_source", "reference_seed", "reference_weight"})
+MAY_DIFFER = frozenset(
+    {"pretrained", "max_epochs", "k_shot", "few_shot_source", "reference_seed", "reference_weight", "normal_fpr"}
+)
 
 #: Constructor arguments never taken from the checkpoint: how this run executes (``inference_compile`` is eager
 #: unless given, and given freely: compiled outputs equal eager ones) and anomalib's components.

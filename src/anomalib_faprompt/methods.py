@@ -199,7 +199,7 @@ BUILT_IN_METHODS = tuple(method.name for method in _BUILT_IN)
 #: Constructor arguments every method shares that say how a run executes, not what was learned: prompt files do
 #: not record them and checkpoints do not pass them on (the CLI's ``--ckpt_path``), so each run chooses its own.
 RUN_TIME_SETTINGS = frozenset(
-    {"prompt_weights", "allow_untrained_prompts", "allow_setting_mismatch", "inference_compile"}
+    {"prompt_weights", "allow_untrained_prompts", "allow_setting_mismatch", "inference_compile", "normal_images"}
 )
 
 

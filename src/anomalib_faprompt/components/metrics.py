@@ -23,7 +23,7 @@ import torch
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.metrics.base import AnomalibMetric
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torchmetrics.classification import BinaryAveragePrecision
+from torchmetrics.classification import BinaryAveragePrecision, BinaryRecall, BinarySpecificity
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,32 @@ POST_PROCESSED_FIELDS = frozenset({"pred_label", "pred_mask"})
 
 class AP(AnomalibMetric, BinaryAveragePrecision):  # type: ignore[misc]
     """Average precision (scikit-learn's definition) as an anomalib metric; reported as ``<prefix>AP``."""
+
+
+class FPR(AnomalibMetric, BinarySpecificity):  # type: ignore[misc]
+    """Share of normal samples labelled anomalous (1 − specificity); reported as ``<prefix>FPR``.
+
+    Undefined (NaN, with a notice) without normal samples: torchmetrics' 0 specificity would read as FPR 1.
+    """
+
+    #: The class the rate is a share of (:func:`undefined_reason`).
+    needs = "normal"
+
+    def compute(self) -> torch.Tensor:
+        """``1 − specificity`` over the samples seen."""
+        return 1.0 - super().compute()
+
+
+class TPR(AnomalibMetric, BinaryRecall):  # type: ignore[misc]
+    """Share of anomalous samples labelled anomalous (recall); reported as ``<prefix>TPR``."""
+
+    needs = "anomalous"
+
+
+def threshold_rates() -> list[AnomalibMetric]:
+    """Image false- and true-positive rates at the post-processor's threshold (``image_FPR``, ``image_TPR``)."""
+    return [FPR(fields=["pred_label", "gt_label"], prefix="image_"),
+            TPR(fields=["pred_label", "gt_label"], prefix="image_")]  # fmt: skip
 
 
 def paper_metrics(strict: bool = True) -> list[AnomalibMetric]:
@@ -221,6 +247,8 @@ def undefined_reason(metric: AnomalibMetric) -> str | None:
     if needs_both and (normal == 0 or anomalous == 0):
         kind = "normal" if anomalous == 0 else "anomalous"
         return f"its {normal + anomalous} {unit} are all {kind}, and {metric.name} needs normal and anomalous ones"
+    if getattr(metric, "needs", None) == "normal":
+        return f"its {anomalous} {unit} are all anomalous, and {metric.name} needs normal ones" if not normal else None
     if anomalous == 0:
         return f"its {normal} {unit} are all normal, and {metric.name} needs anomalous ones"
     return None

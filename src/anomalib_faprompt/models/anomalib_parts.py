@@ -14,17 +14,41 @@ from anomalib.metrics import Evaluator, F1Score
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback
+from torch import nn
 
 from anomalib_faprompt.callbacks import MODEL_CREATED, hand_over_callbacks
 from anomalib_faprompt.compat import Thresholds, set_default_thresholds
-from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics
+from anomalib_faprompt.components.metrics import RawOutputEvaluator, paper_metrics, threshold_rates
 from anomalib_faprompt.components.pre_processing import clip_pre_processor
 from anomalib_faprompt.distributed import DistributedSampling, SharedWorkspace
 from anomalib_faprompt.models.prompt_files import PromptWeightsCheckpoint
+from anomalib_faprompt.post_processing import NormalFPRPostProcessor
 from anomalib_faprompt.visualization import HeatMapVisualizer
 
 if TYPE_CHECKING:
     from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
+    from anomalib_faprompt.models.settings import SharedSettings
+
+
+def normal_fpr_post_processor(settings: SharedSettings, post_processor: nn.Module | bool) -> nn.Module | bool:
+    """The post-processor to build the model with: for ``normal_fpr``, a :class:`NormalFPRPostProcessor`.
+
+    It takes the default's place; without ``normal_fpr``, ``post_processor`` is returned as given.
+
+    Raises:
+        ValueError: If ``normal_fpr`` is set together with a post-processor of the user's (or none).
+    """
+    if settings.normal_fpr is None:
+        return post_processor
+    if post_processor is True:
+        return NormalFPRPostProcessor(settings.normal_fpr, normal_images=settings.normal_images)
+    given = type(post_processor).__name__ if isinstance(post_processor, nn.Module) else repr(post_processor)
+    msg = (
+        f"normal_fpr={settings.normal_fpr:g} sets the thresholds through the default post-processor, but "
+        f"post_processor={given} was given. Either leave post_processor out, or pass "
+        "NormalFPRPostProcessor(normal_fpr=...) as post_processor without the model's normal_fpr."
+    )
+    raise ValueError(msg)
 
 
 class AnomalibParts:
@@ -49,16 +73,16 @@ class AnomalibParts:
         return PostProcessor()
 
     @staticmethod
-    def configure_evaluator() -> RawOutputEvaluator:
+    def configure_evaluator(rates: bool = False) -> RawOutputEvaluator:
         """The papers' metrics (image AUROC and AP, pixel AUROC and AUPRO) on raw outputs, and image F1.
 
         Threshold-free metrics see the raw scores and maps, as in the ``zero_shot`` table (see
         :class:`~anomalib_faprompt.components.metrics.RawOutputEvaluator`); F1 needs the post-processor's labels.
-        Pixel metrics are skipped for data without masks.
+        Pixel metrics are skipped for data without masks. With ``rates`` (models with ``normal_fpr``), also the
+        image false- and true-positive rates at the threshold (``image_FPR``, ``image_TPR``).
         """
-        return RawOutputEvaluator(
-            test_metrics=[*paper_metrics(strict=False), F1Score(fields=["pred_label", "gt_label"], prefix="image_")]
-        )
+        labels = [F1Score(fields=["pred_label", "gt_label"], prefix="image_"), *(threshold_rates() if rates else [])]
+        return RawOutputEvaluator(test_metrics=[*paper_metrics(strict=False), *labels])
 
     @staticmethod
     def configure_visualizer() -> HeatMapVisualizer:

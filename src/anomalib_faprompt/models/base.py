@@ -40,7 +40,7 @@ from torch import nn
 from anomalib_faprompt.clip.prompted_clip import PromptedCLIP
 from anomalib_faprompt.data.validation import check_masks_before_setup, validate_trainer_data
 from anomalib_faprompt.methods import Learning
-from anomalib_faprompt.models.anomalib_parts import AnomalibParts
+from anomalib_faprompt.models.anomalib_parts import AnomalibParts, normal_fpr_post_processor
 from anomalib_faprompt.models.exporting import PromptExport
 from anomalib_faprompt.models.prompt_files import PromptFiles
 from anomalib_faprompt.models.readiness import PromptReadiness
@@ -89,8 +89,16 @@ class PromptMethod(
             validation): ``"reduce-overhead"`` (CUDA graphs on GPUs: lowest batch-1 latency), ``"default"``,
             ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``; ``None`` (default) runs eagerly. Each new input
             shape compiles once (warm-up logged); training and export stay eager. Outputs equal eager within 1e-5.
+        normal_fpr: Set the thresholds from normal images only, so that this share of normal images is flagged
+            anomalous (e.g. 0.01), instead of anomalib's F1-adaptive thresholds, which need anomalous validation
+            images. The normal images are those of the validation split (or ``normal_images``); at least
+            ``1 / normal_fpr - 1`` of them. The default post-processor becomes
+            :class:`~anomalib_faprompt.post_processing.NormalFPRPostProcessor`; the thresholds are saved in
+            checkpoints and exported graphs.
+        normal_images: A folder of normal images to set the ``normal_fpr`` thresholds on instead.
+            With ``normal_fpr`` the default evaluator also reports ``image_FPR`` and ``image_TPR`` at the threshold.
         pre_processor: Pre-processor, or ``True`` for the default (antialiased bicubic resize, CLIP normalisation).
-        post_processor: Post-processor, or ``True`` for anomalib's default.
+        post_processor: Post-processor, or ``True`` for anomalib's default (with ``normal_fpr``, the normal-image one).
         evaluator: Evaluator, or ``True`` for the papers' metrics (image AUROC and AP, pixel AUROC and AUPRO) and
             image F1; threshold-free metrics are computed on raw outputs, before post-processing.
         visualizer: Visualizer, or ``True`` for heat-maps with titled panels.
@@ -126,6 +134,8 @@ class PromptMethod(
     k_shot = Setting()
     few_shot_source = Setting()
     reference_seed = Setting()
+    normal_fpr = Setting()
+    normal_images = Setting()
 
     def __init__(
         self,
@@ -140,6 +150,8 @@ class PromptMethod(
         few_shot_source: str | Path | None = None,
         reference_seed: int = 0,
         inference_compile: str | None = None,
+        normal_fpr: float | None = None,
+        normal_images: str | Path | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -149,16 +161,20 @@ class PromptMethod(
             backbone=backbone, pretrained=pretrained, image_size=image_size, prompt_weights=prompt_weights,
             allow_untrained_prompts=allow_untrained_prompts, allow_setting_mismatch=allow_setting_mismatch,
             max_epochs=max_epochs, k_shot=k_shot, few_shot_source=few_shot_source, reference_seed=reference_seed,
-            inference_compile=inference_compile,
+            inference_compile=inference_compile, normal_fpr=normal_fpr, normal_images=normal_images,
         )  # fmt: skip
+        chosen_post_processor = normal_fpr_post_processor(settings, post_processor)
         # The checked values are what hparams record (Lightning reads them from this frame).
         k_shot, few_shot_source, reference_seed = settings.k_shot, settings.few_shot_source, settings.reference_seed
         max_epochs, inference_compile = settings.max_epochs, settings.inference_compile
+        normal_fpr, normal_images = settings.normal_fpr, settings.normal_images
         # The pre-processor needs the image size, which the torch model checks against the backbone: made after it.
         default_pre_processor = pre_processor is True
         super().__init__(pre_processor=False if default_pre_processor else pre_processor,
-                         post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)  # fmt: skip
+                         post_processor=chosen_post_processor, evaluator=evaluator, visualizer=visualizer)  # fmt: skip
         self.settings = settings
+        if evaluator is True and settings.normal_fpr is not None:
+            self.evaluator = self.configure_evaluator(rates=True)  # the rates at the threshold from normal images
         self._plain_hparams()
         self.model = self.build_model()
         if default_pre_processor:

@@ -25,6 +25,8 @@ from typing import Any
 from anomalib_faprompt.clip.compiled import check_compile_mode
 from anomalib_faprompt.clip.settings import check_max_epochs
 from anomalib_faprompt.models.reference_memory import check_references
+from anomalib_faprompt.post_processing.normal_fpr import check_normal_images
+from anomalib_faprompt.post_processing.normal_quantile import check_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,10 @@ class SharedSettings:
     reference_seed: int = 0
     #: ``torch.compile`` mode of the frozen vision encoder at inference, ``None`` for eager.
     inference_compile: str | None = None
+    #: Share of normal images to flag: thresholds from normal images only (``None``: anomalib's F1-adaptive ones).
+    normal_fpr: float | None = None
+    #: A folder of normal images to set those thresholds on, instead of the validation split's normal images.
+    normal_images: Path | None = None
 
     @classmethod
     def checked(cls, **settings: Any) -> SharedSettings:
@@ -67,8 +73,15 @@ class SharedSettings:
         )
         max_epochs = check_max_epochs(settings.pop("max_epochs", None))
         inference_compile = check_compile_mode(settings.pop("inference_compile", None))
+        normal_fpr = settings.pop("normal_fpr", None)
+        normal_fpr = None if normal_fpr is None else check_rate("normal_fpr", normal_fpr)
+        normal_images = check_normal_images(settings.pop("normal_images", None))
+        if normal_images is not None and normal_fpr is None:
+            msg = "normal_images is only used with normal_fpr: set normal_fpr (e.g. 0.01) too, or leave it out."
+            raise ValueError(msg)
         return cls(**settings, k_shot=k_shot, few_shot_source=source, reference_seed=seed, max_epochs=max_epochs,
-                   inference_compile=inference_compile)  # fmt: skip
+                   inference_compile=inference_compile, normal_fpr=normal_fpr,
+                   normal_images=normal_images)  # fmt: skip
 
 
 class Setting:
