@@ -143,14 +143,15 @@ def _load_checkpoint_for_export(cli: Any) -> None:
 
 
 def _check_export_compression(cli: Any) -> None:
-    """Refuse ``--compression_type`` whose package is missing before the export's work (tracing, converting)."""
+    """Refuse ``--compression_type`` whose package or data is missing before the export's work (tracing, converting)."""
     model = getattr(cli, "model", None)
     if cli.config["subcommand"] != "export" or not isinstance(model, tuple(method_classes())):
         return
-    from anomalib_faprompt.export import check_compression
+    from anomalib_faprompt.export import check_calibration_data, check_compression
 
     export = cli.config["export"]
     check_compression(export.get("compression_type"), model.method_name, export.get("export_type"))
+    check_calibration_data(export.get("compression_type"), getattr(cli, "datamodule", None), model.method_name)
 
 
 def _recording_instantiator(class_type: type, *args: Any, **kwargs: Any) -> Any:

@@ -2,6 +2,12 @@
 
 - :func:`check_compression` refuses an OpenVINO compression whose package is missing *before* the model is traced
   (anomalib checks for NNCF after the ONNX export, then raises a bare ``ModuleNotFoundError``).
+- :func:`check_calibration_data` refuses ``INT8_PTQ``/``INT8_ACQ`` without a datamodule, and ``INT8_ACQ`` without
+  anomalous images to measure the accuracy drop on (it would compare F1 scores on normal images only), before any
+  work.
+- :func:`quantize_transformer` is NNCF's post-training quantization with the settings a ViT needs (``model_type``
+  transformer: attention's softmax and layer norms stay in float), calibrated on the validation images (no labels
+  are used).
 - :func:`inference_only` exports a module whose parameters do not require gradients: a pickled ``torch`` export
   would otherwise return outputs that require grad, on which ``TorchInferencer`` fails (``.numpy()``).
 
@@ -18,11 +24,18 @@ Example:
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Calibration images NNCF's post-training quantization reads at most (its default subset size).
+CALIBRATION_IMAGES = 300
 
 #: What each OpenVINO compression type needs, beside OpenVINO itself.
 COMPRESSION_PACKAGES = {"INT8": "nncf", "INT8_PTQ": "nncf", "INT8_ACQ": "nncf"}
@@ -65,6 +78,73 @@ def check_compression(compression_type: Any, model_name: str, export_type: Any =
             "--compression_type (FP16 needs nothing more)."
         )
         raise ModuleNotFoundError(msg, name=package)
+
+
+def _anomalous_count(dataset: Any) -> int | None:
+    samples = getattr(dataset, "samples", None)
+    if samples is None or "label_index" not in samples:
+        return None
+    return int((samples["label_index"] == 1).sum())
+
+
+def check_calibration_data(compression_type: Any, datamodule: Any, model_name: str) -> None:
+    """Refuse a quantization that has no data to calibrate on, or (``INT8_ACQ``) no anomalies to measure on.
+
+    ``INT8_ACQ`` (NNCF's accuracy-controlled quantization) compares image F1 of the quantized and f32 models on the
+    datamodule's test split, as anomalib runs it: with normal images only that F1 is undefined.
+
+    Raises:
+        ValueError: Naming the compression type, what is missing and what to use instead.
+    """
+    name = _name(compression_type) if compression_type is not None else None
+    if name not in {"INT8_PTQ", "INT8_ACQ"}:
+        return
+    if datamodule is None:
+        msg = (
+            f"{model_name}: --compression_type {name} calibrates on the images of a datamodule's validation split; "
+            "give one (--data on the CLI, datamodule= to Engine.export), or use INT8 (weights only, no data)."
+        )
+        raise ValueError(msg)
+    if name != "INT8_ACQ":
+        return
+    datamodule.setup("fit")
+    anomalous = _anomalous_count(getattr(datamodule, "test_data", None))
+    if anomalous == 0:
+        msg = (
+            f"{model_name}: --compression_type INT8_ACQ measures the accuracy drop (image F1) on anomalous images of "
+            f"the datamodule's test split, and {getattr(datamodule, 'name', type(datamodule).__name__)} has none. "
+            "Use INT8_PTQ, which calibrates on normal images and needs no labels, or a datamodule with anomalous "
+            "test images."
+        )
+        raise ValueError(msg)
+
+
+def validation_images(datamodule: Any) -> tuple[Iterable[np.ndarray], int]:
+    """The raw images of a datamodule's validation split, batch by batch (labels unread), and how many there are."""
+    datamodule.setup("fit")
+    dataloader = datamodule.val_dataloader()
+    return (batch.image.numpy() for batch in dataloader), len(dataloader.dataset)
+
+
+def quantize_transformer(model: Any, batches: Iterable[np.ndarray], count: int) -> Any:
+    """NNCF post-training quantization of an OpenVINO model of a ViT, calibrated on ``batches`` of raw images.
+
+    The exported graph pre-processes the images itself. NNCF reads them one at a time, at most
+    :data:`CALIBRATION_IMAGES`: its statistics (smooth quant, bias correction) grow with the sample, and batches of
+    8 images of a ViT-L at 518 pixels took over 22 GB.
+
+    Args:
+        model: The OpenVINO model (f32).
+        batches: Raw images (B, 3, H, W), float in [0, 1], e.g. :func:`validation_images`.
+        count: How many images ``batches`` holds, for the log.
+    """
+    import nncf
+
+    if count < CALIBRATION_IMAGES:
+        logger.info("INT8_PTQ: calibrating on %d images (NNCF reads up to %d).", count, CALIBRATION_IMAGES)
+    images = [batch[index : index + 1] for batch in batches for index in range(len(batch))][:CALIBRATION_IMAGES]
+    return nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(images))  # fmt: skip
 
 
 @contextmanager

@@ -2,8 +2,9 @@
 
 :class:`PromptExport`, a part of :class:`~anomalib_faprompt.models.base.PromptMethod`, refuses untrained prompts,
 computes the text features that do not depend on the image once (so the text encoder leaves AnomalyCLIP's graph),
-exports at ONNX opset 18, runs the ``torch`` export without gradients, and refuses a compression that would not
-happen before any work (:mod:`~anomalib_faprompt.export`).
+exports at ONNX opset 18, runs the ``torch`` export without gradients, refuses a compression that would not
+happen before any work, and quantizes (``INT8_PTQ``) with NNCF's transformer settings, calibrated on the validation
+images (:mod:`~anomalib_faprompt.export`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from anomalib_faprompt.export import check_compression, inference_only
+from anomalib_faprompt.export import (
+    check_calibration_data,
+    check_compression,
+    inference_only,
+    quantize_transformer,
+    validation_images,
+)
 from anomalib_faprompt.logs import quiet_export
 
 if TYPE_CHECKING:
@@ -119,9 +126,11 @@ class PromptExport:
         Raises:
             UntrainedPromptsError: If the prompts were neither trained nor loaded.
             ModuleNotFoundError: If ``compression_type`` needs NNCF and it is not installed (before any work).
+            ValueError: If ``INT8_PTQ``/``INT8_ACQ`` has no datamodule, or ``INT8_ACQ`` no anomalous test images.
         """
         self.check_prompts_ready("export")  # type: ignore[attr-defined]
         check_compression(compression_type, self.method_name)
+        check_calibration_data(compression_type, datamodule, self.method_name)
         return super().to_openvino(  # type: ignore[misc]
             export_root,
             model_file_name,
@@ -134,3 +143,7 @@ class PromptExport:
             ov_kwargs=ov_kwargs,
             onnx_kwargs={"opset_version": ONNX_OPSET, **(onnx_kwargs or {})},
         )
+
+    def _post_training_quantization_ov(self, model: Any, datamodule: AnomalibDataModule | None = None) -> Any:
+        """``INT8_PTQ``: NNCF's quantization with the transformer settings (anomalib's passes none)."""
+        return quantize_transformer(model, *validation_images(datamodule))

@@ -1,0 +1,80 @@
+"""OpenVINO at reduced precision: every compression type exports and runs for every method (small CLIPs).
+
+``FP16`` (weights stored in f16), ``INT8`` (NNCF weight compression) and ``INT8_PTQ`` (NNCF quantization with the
+transformer settings, calibrated on the validation images) through ``Engine.export``; the exported model is compiled
+in f32 and its scores follow torch's (rank correlation; random CLIPs give no accuracy to compare). ``INT8_ACQ`` without
+anomalous test images and ``INT8_PTQ`` without a datamodule are refused before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import Folder
+from anomalib.deploy import CompressionType
+from anomalib.engine import Engine
+from PIL import Image
+from scipy.stats import spearmanr
+
+from anomalib_faprompt.methods import METHODS
+from test_export_fidelity import scoring_model
+
+OPENVINO_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def folder_data(root: Path, anomalous: bool = True) -> Folder:
+    return Folder(
+        name="widgets", root=root / "widget", normal_dir="train/good", abnormal_dir="test/spot" if anomalous else None,
+        mask_dir="ground_truth/spot" if anomalous else None, normal_test_dir="test/good", val_split_mode="same_as_test",
+        num_workers=0, train_batch_size=2, eval_batch_size=2,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images(tiny_mvtec) -> np.ndarray:
+    paths = sorted((tiny_mvtec / "widget" / "test").glob("*/*.png"))
+    return np.stack([np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255 for path in paths]).transpose(
+        0, 3, 1, 2
+    )
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_compression_exports_and_scores_like_torch(method, method_settings, released_prompts, tiny_mvtec,
+                                                         images, tmp_path):  # fmt: skip
+    import openvino
+
+    model = scoring_model(method, method_settings, released_prompts)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).pred_score.reshape(-1).numpy()
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False)
+    sizes = {}
+    for compression in (CompressionType.FP16, CompressionType.INT8, CompressionType.INT8_PTQ):
+        path = engine.export(model, "openvino", export_root=tmp_path / compression.name, compression_type=compression,
+                             datamodule=folder_data(tiny_mvtec))  # fmt: skip
+        sizes[compression.name] = Path(path).with_suffix(".bin").stat().st_size
+        compiled = openvino.Core().compile_model(str(path), "CPU", OPENVINO_F32)
+        outputs = {next(iter(port.names)): value for port, value in compiled(images).items()}
+        scores = np.asarray(outputs["pred_score"]).reshape(-1)
+        assert np.isfinite(scores).all(), compression
+        assert outputs["pred_label"].shape == (len(images),) or outputs["pred_label"].size == len(images)
+        assert spearmanr(scores, expected).statistic > 0.9, (compression, scores, expected)
+        assert np.abs(scores - expected).max() < 0.1, compression
+    # Weights stored smaller than f32 (the f32 IR is twice the FP16 one).
+    assert sizes["INT8"] < sizes["FP16"]
+
+
+def test_int8_acq_without_anomalous_images_is_refused_before_any_work(method_settings, released_prompts, tiny_mvtec,
+                                                                      tmp_path, monkeypatch):  # fmt: skip
+    model: Any = scoring_model("AnomalyCLIP", method_settings, released_prompts)
+    traced = []
+    monkeypatch.setattr(type(model), "to_onnx", lambda *args, **kwargs: traced.append(1))
+    with pytest.raises(ValueError, match=r"INT8_ACQ measures the accuracy drop .* widgets has none. Use INT8_PTQ"):
+        model.to_openvino(tmp_path, compression_type=CompressionType.INT8_ACQ,
+                          datamodule=folder_data(tiny_mvtec, anomalous=False))  # fmt: skip
+    with pytest.raises(ValueError, match=r"INT8_PTQ calibrates on the images of a datamodule's validation split"):
+        model.to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ)
+    assert traced == []
