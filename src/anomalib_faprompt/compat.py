@@ -20,7 +20,8 @@ anomalib:
 
 - :func:`read_splits`: a datamodule's reading of its splits from disk without its split modes (``_setup``).
 - :class:`EngineWithoutVersionFolders`: an ``Engine`` that writes into its folder itself (``_setup_workspace``).
-- :func:`set_default_thresholds`: the post-processor's threshold buffers, which only validation data sets.
+- :func:`set_default_thresholds`, :func:`set_thresholds`: the post-processor's threshold buffers, which only
+  validation data sets; :func:`checkpoint_config_keys_with`: the settings a post-processor stores in checkpoints.
 
 Example:
     >>> from lightning.pytorch import LightningModule
@@ -157,17 +158,43 @@ def set_default_thresholds(post_processor: Any, thresholds: Thresholds) -> bool:
     """
     import torch
 
-    names = {
-        "_image_threshold": thresholds.image_threshold,
-        "image_min": thresholds.image_min,
-        "image_max": thresholds.image_max,
-        "_pixel_threshold": thresholds.pixel_threshold,
-        "pixel_min": thresholds.pixel_min,
-        "pixel_max": thresholds.pixel_max,
-    }
-    buffers = {name: require(post_processor, name, "anomalib.post_processing.PostProcessor") for name in names}
+    buffers = _threshold_buffers(post_processor)
     if not all(torch.isnan(buffer).all() for buffer in buffers.values()):
         return False
-    for name, value in names.items():
-        buffers[name].fill_(value)
+    set_thresholds(post_processor, thresholds)
     return True
+
+
+def set_thresholds(post_processor: Any, thresholds: Thresholds) -> None:
+    """Write these thresholds and ranges into a post-processor's buffers, whatever they held (a calibration)."""
+    buffers = _threshold_buffers(post_processor)
+    for name, value in dataclasses.asdict(thresholds).items():
+        buffers[THRESHOLD_BUFFERS[name]].fill_(value)
+
+
+#: Fields of :class:`Thresholds` and the ``PostProcessor`` buffers that hold them.
+THRESHOLD_BUFFERS = {
+    "image_threshold": "_image_threshold",
+    "image_min": "image_min",
+    "image_max": "image_max",
+    "pixel_threshold": "_pixel_threshold",
+    "pixel_min": "pixel_min",
+    "pixel_max": "pixel_max",
+}
+
+
+def _threshold_buffers(post_processor: Any) -> dict[str, Any]:
+    where = "anomalib.post_processing.PostProcessor"
+    return {name: require(post_processor, name, where) for name in THRESHOLD_BUFFERS.values()}
+
+
+def checkpoint_config_keys_with(*names: str) -> property:
+    """A ``_checkpoint_config_keys`` property for a ``PostProcessor`` subclass: anomalib's keys, then ``names``.
+
+    anomalib 2.7 stores a post-processor's settings in checkpoints (``checkpoint_config``) under the keys of this
+    private property, and its documentation says to extend it in subclasses.
+    """
+    from anomalib.post_processing import PostProcessor
+
+    inherited = require(PostProcessor, "_checkpoint_config_keys", "anomalib.post_processing.PostProcessor")
+    return property(lambda self: (*inherited.fget(self), *names))

@@ -36,6 +36,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from anomalib_faprompt.compat import Thresholds, checkpoint_config_keys_with, set_thresholds
 from anomalib_faprompt.post_processing.normal_quantile import NormalQuantile, check_rate
 
 logger = logging.getLogger(__name__)
@@ -120,9 +121,7 @@ class NormalFPRPostProcessor(PostProcessor):
         self.register_buffer("normal_image_count", torch.tensor(float("nan")), persistent=False)
         self._warned_uncalibrated = False
 
-    @property
-    def _checkpoint_config_keys(self) -> tuple[str, ...]:
-        return (*super()._checkpoint_config_keys, "normal_fpr", "pixel_fpr", "normal_images")
+    _checkpoint_config_keys = checkpoint_config_keys_with("normal_fpr", "pixel_fpr", "normal_images")
 
     @property
     def calibrated(self) -> bool:
@@ -142,20 +141,16 @@ class NormalFPRPostProcessor(PostProcessor):
             msg = f"{type(self).__name__}: non-finite scores or maps among the normal images of {source}."
             raise ValueError(msg)
         image = NormalQuantile.of(scores, self.normal_fpr, f"normal images (from {source})")
-        self._image_threshold.fill_(image.value)
-        self.image_min.fill_(scores.min().item())
-        self.image_max.fill_(scores.max().item())
-        pixel_text = ""
+        pixel_range, pixel_text = (float("nan"),) * 3, ""
         if maps is not None:
             pixel = NormalQuantile.of(maps, self.pixel_fpr, "normal pixels", setting="pixel_fpr")
-            self._pixel_threshold.fill_(pixel.value)
-            self.pixel_min.fill_(maps.min().item())
-            self.pixel_max.fill_(maps.max().item())
+            pixel_range = (pixel.value, maps.min().item(), maps.max().item())
             pixel_text = (
                 f" Pixel threshold {pixel.value:.6g}: {pixel.above / pixel.count:.4f} of the {pixel.count} normal "
                 f"pixels above it (pixel_fpr={self.pixel_fpr:g}; pixels of one image are not independent, so no "
                 "interval is stated for masks)."
             )
+        set_thresholds(self, Thresholds(image.value, scores.min().item(), scores.max().item(), *pixel_range))
         self.normal_image_count.fill_(image.count)
         low, high = image.rate_interval()
         logger.info(
