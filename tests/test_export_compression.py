@@ -2,7 +2,9 @@
 
 ``FP16`` (weights stored in f16), ``INT8`` (NNCF weight compression) and ``INT8_PTQ`` (NNCF quantization with the
 transformer settings, calibrated on the validation images) through ``Engine.export``; the exported model is compiled
-in f32 and its scores follow torch's (rank correlation; random CLIPs give no accuracy to compare). ``INT8_ACQ`` without
+in f32 and its scores stay near torch's (within 1e-2 for FP16 weights, 0.1 for INT8; the random CLIPs' scores
+cluster within a few hundredths, so their ranks say nothing here: benchmarks/deployment.py measures rank
+correlation and AUROC at real sizes). ``INT8_ACQ`` without
 anomalous test images and ``INT8_PTQ`` without a datamodule are refused before any work.
 """
 
@@ -18,7 +20,6 @@ from anomalib.data import Folder
 from anomalib.deploy import CompressionType
 from anomalib.engine import Engine
 from PIL import Image
-from scipy.stats import spearmanr
 
 from anomalib_faprompt.methods import METHODS
 from test_export_fidelity import scoring_model
@@ -61,8 +62,8 @@ def test_every_compression_exports_and_scores_like_torch(method, method_settings
         scores = np.asarray(outputs["pred_score"]).reshape(-1)
         assert np.isfinite(scores).all(), compression
         assert outputs["pred_label"].shape == (len(images),) or outputs["pred_label"].size == len(images)
-        assert spearmanr(scores, expected).statistic > 0.9, (compression, scores, expected)
-        assert np.abs(scores - expected).max() < 0.1, compression
+        tolerance = 1e-2 if compression == CompressionType.FP16 else 0.1
+        assert np.abs(scores - expected).max() < tolerance, (compression, scores, expected)
     # Weights stored smaller than f32 (the f32 IR is twice the FP16 one).
     assert sizes["INT8"] < sizes["FP16"]
 
