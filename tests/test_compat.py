@@ -152,20 +152,9 @@ def test_the_dependency_bounds_are_the_versions_tested():
         assert installed in specifier, f"{library} {installed} is outside {requirement}"
 
 
-def test_thresholds_can_be_set_over_statistics_and_post_processor_settings_extended_for_checkpoints():
+def test_thresholds_can_be_set_over_statistics():
     post_processor = PostProcessor()
     compat.set_thresholds(post_processor, compat.Thresholds(0.5, 0.0, 1.0, 2.0, 0.0, 4.0))
     compat.set_thresholds(post_processor, compat.Thresholds(0.7, 0.1, 0.9, 3.0, 1.0, 5.0))  # over statistics
     assert float(post_processor.image_threshold) == pytest.approx(0.7)
     assert float(post_processor.pixel_threshold) == 3.0 and float(post_processor.pixel_min) == 1.0
-
-    class WithSetting(PostProcessor):
-        _checkpoint_config_keys = compat.checkpoint_config_keys_with("extra")
-
-        def __init__(self) -> None:
-            super().__init__(image_sensitivity=0.25)
-            self.extra = 7
-
-    config = WithSetting().checkpoint_config()
-    assert config["extra"] == 7 and config["image_sensitivity"] == 0.25
-    assert set(PostProcessor().checkpoint_config()) < set(config)

@@ -213,8 +213,9 @@ def test_the_exported_graphs_label_as_torch_does(calibrated, dataset_root, tmp_p
     with torch.no_grad():
         labels = model(torch.from_numpy(every)).pred_label.reshape(-1).numpy()
     # Images on both sides of the threshold (the random CLIP flags some normal ones and misses some anomalous ones).
-    chosen = np.concatenate([np.flatnonzero(labels)[:6], np.flatnonzero(~labels)[:6]])
-    assert len(chosen) == 12, "pick images on both sides of the threshold"
+    flagged, passed = np.flatnonzero(labels)[:6], np.flatnonzero(~labels)[:6]
+    assert len(flagged) >= 2 and len(passed) >= 2, "pick images on both sides of the threshold"
+    chosen = np.concatenate([flagged, passed])
     images = np.ascontiguousarray(every[chosen])
     with torch.no_grad():
         expected = model(torch.from_numpy(images))
@@ -230,6 +231,30 @@ def test_the_exported_graphs_label_as_torch_does(calibrated, dataset_root, tmp_p
         np.testing.assert_array_equal(outputs["pred_label"].reshape(-1), expected.pred_label.numpy().reshape(-1))
         mismatched = (outputs["pred_mask"].reshape(-1) != expected.pred_mask.numpy().reshape(-1)).mean()
         assert mismatched < 1e-4  # pixels within rounding of the threshold may differ
+
+
+def test_a_test_that_does_not_validate_calibrates_on_the_validation_split(calibrated, small_clip, released_prompts,
+                                                                         tmp_path):  # fmt: skip
+    """``anomalib test --ckpt_path`` does not validate: the thresholds still come from the validation split."""
+    model = AnomalyCLIP(**small_clip, prompt_weights=released_prompts["AnomalyCLIP"], normal_fpr=0.1)
+    datamodule = calibrated["datamodule"]
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False)
+    engine.test(model, datamodule=datamodule, ckpt_path=calibrated["checkpoint"], verbose=False)
+    items = [datamodule.val_data[index] for index in range(len(datamodule.val_data))]
+    scores, _ = raw_outputs(model, [item for item in items if int(item.gt_label) == 0])
+    assert model.post_processor.calibrated
+    torch.testing.assert_close(model.post_processor._image_threshold.item(), order_statistic(scores, 0.1)[0],
+                               rtol=0, atol=1e-6)  # fmt: skip
+
+
+def test_a_folder_with_too_few_images_is_refused_at_construction(small_clip, dataset_root, tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for path in sorted((dataset_root / "good").glob("*.png"))[:8]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    expected = r"normal_fpr=0.1 needs at least 9 normal images \(in normal_images '.*few'\).*; 8 were given"
+    with pytest.raises(ValueError, match=expected):
+        AnomalyCLIP(**small_clip, normal_fpr=0.1, normal_images=folder)
 
 
 def test_too_few_normal_images_are_refused_naming_both_numbers(small_clip, released_prompts, dataset_root, tmp_path):

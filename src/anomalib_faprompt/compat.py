@@ -21,7 +21,7 @@ anomalib:
 - :func:`read_splits`: a datamodule's reading of its splits from disk without its split modes (``_setup``).
 - :class:`EngineWithoutVersionFolders`: an ``Engine`` that writes into its folder itself (``_setup_workspace``).
 - :func:`set_default_thresholds`, :func:`set_thresholds`: the post-processor's threshold buffers, which only
-  validation data sets; :func:`checkpoint_config_keys_with`: the settings a post-processor stores in checkpoints.
+  validation data sets.
 
 Example:
     >>> from lightning.pytorch import LightningModule
@@ -186,15 +186,3 @@ THRESHOLD_BUFFERS = {
 def _threshold_buffers(post_processor: Any) -> dict[str, Any]:
     where = "anomalib.post_processing.PostProcessor"
     return {name: require(post_processor, name, where) for name in THRESHOLD_BUFFERS.values()}
-
-
-def checkpoint_config_keys_with(*names: str) -> property:
-    """A ``_checkpoint_config_keys`` property for a ``PostProcessor`` subclass: anomalib's keys, then ``names``.
-
-    anomalib 2.7 stores a post-processor's settings in checkpoints (``checkpoint_config``) under the keys of this
-    private property, and its documentation says to extend it in subclasses.
-    """
-    from anomalib.post_processing import PostProcessor
-
-    inherited = require(PostProcessor, "_checkpoint_config_keys", "anomalib.post_processing.PostProcessor")
-    return property(lambda self: (*inherited.fget(self), *names))

@@ -75,7 +75,7 @@ class SharedSettings:
         inference_compile = check_compile_mode(settings.pop("inference_compile", None))
         normal_fpr = settings.pop("normal_fpr", None)
         normal_fpr = None if normal_fpr is None else check_rate("normal_fpr", normal_fpr)
-        normal_images = check_normal_images(settings.pop("normal_images", None))
+        normal_images = check_normal_images(settings.pop("normal_images", None), normal_fpr)
         if normal_images is not None and normal_fpr is None:
             msg = "normal_images is only used with normal_fpr: set normal_fpr (e.g. 0.01) too, or leave it out."
             raise ValueError(msg)

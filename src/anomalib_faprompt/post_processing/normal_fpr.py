@@ -36,7 +36,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from anomalib_faprompt.compat import Thresholds, checkpoint_config_keys_with, set_thresholds
+from anomalib_faprompt.compat import Thresholds, set_thresholds
 from anomalib_faprompt.post_processing.normal_quantile import NormalQuantile, check_rate
 
 logger = logging.getLogger(__name__)
@@ -45,19 +45,44 @@ logger = logging.getLogger(__name__)
 FOLDER_BATCH = 8
 
 
-def check_normal_images(path: str | Path | None, setting: str = "normal_images") -> Path | None:
-    """``path`` as an existing folder (or image) of normal images, or ``None``.
+def check_normal_images(path: str | Path | None, fpr: float | None = None) -> Path | None:
+    """``path`` as an existing folder (or image) of normal images, or ``None``; with ``fpr``, enough of them.
 
     Raises:
         FileNotFoundError: Naming the setting and the path.
+        ValueError: If the folder holds fewer images than a threshold at ``fpr`` needs, naming both numbers.
     """
     if path in {None, ""}:
         return None
     folder = Path(path).expanduser()
     if not folder.exists():
-        msg = f"{setting} '{folder}' does not exist: give a folder of normal images (or one image) to calibrate on."
+        msg = f"normal_images '{folder}' does not exist: give a folder of normal images (or one image) to calibrate on."
         raise FileNotFoundError(msg)
+    if fpr is not None:
+        from anomalib.data.utils import get_image_filenames
+
+        try:
+            count = len(get_image_filenames(folder))
+        except ValueError:  # anomalib's: no image files found
+            count = 0
+        NormalQuantile.check_count(count, fpr, f"normal images (in normal_images '{folder}')")
     return folder
+
+
+def _raw_outputs(pl_module: LightningModule, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's raw scores and maps of raw images, pre-processed as test images (eval mode, no gradients)."""
+    pre_processor = getattr(pl_module, "pre_processor", None)
+    if isinstance(pre_processor, PreProcessor):
+        images = [pre_processor.transform(image) for image in images]
+    model = pl_module.model
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(torch.stack(images).to(pl_module.device))
+    finally:
+        model.train(training)
+    return output.pred_score, output.anomaly_map
 
 
 class NormalValues(Metric):
@@ -87,6 +112,11 @@ class NormalValues(Metric):
         return scores, maps
 
 
+def _forget_calibration(module: NormalFPRPostProcessor, incompatible_keys: object) -> None:
+    del incompatible_keys
+    module.normal_image_count.fill_(float("nan"))
+
+
 class NormalFPRPostProcessor(PostProcessor):
     """anomalib's post-processor with thresholds set from normal images at a chosen false-positive rate.
 
@@ -111,17 +141,20 @@ class NormalFPRPostProcessor(PostProcessor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # Not in the checkpoint's post-processor config: restoring a checkpoint must not undo the rate this run asks
+        # for (the model's hparams, or the constructor, give it).
         self.normal_fpr = check_rate("normal_fpr", normal_fpr)
         self.pixel_fpr = self.normal_fpr if pixel_fpr is None else check_rate("pixel_fpr", pixel_fpr)
-        folder = check_normal_images(normal_images)
+        folder = check_normal_images(normal_images, self.normal_fpr)
         self.normal_images = None if folder is None else str(folder)
         self._normal_values = NormalValues()
         # Not persistent: a checkpoint's thresholds load into any PostProcessor, and this only says whether this
         # process calibrated (a folder is scored again after loading).
         self.register_buffer("normal_image_count", torch.tensor(float("nan")), persistent=False)
         self._warned_uncalibrated = False
-
-    _checkpoint_config_keys = checkpoint_config_keys_with("normal_fpr", "pixel_fpr", "normal_images")
+        # Loaded thresholds (a checkpoint restored by ``ckpt_path``, after a validation may have calibrated) stand
+        # until the next test or prediction can set them from this run's normal images.
+        self.register_load_state_dict_post_hook(_forget_calibration)
 
     @property
     def calibrated(self) -> bool:
@@ -166,44 +199,51 @@ class NormalFPRPostProcessor(PostProcessor):
         """Score the images of ``normal_images`` with the model (pre-processed as test images), then calibrate.
 
         Raises:
-            ValueError: If the folder holds no image, or too few for ``normal_fpr``.
+            ValueError: If the folder holds too few images for ``normal_fpr``.
         """
         from anomalib.data import PredictDataset
 
         dataset = PredictDataset(self.normal_images)
-        if len(dataset) == 0:
-            msg = f"normal_images '{self.normal_images}' holds no image files to calibrate the thresholds on."
-            raise ValueError(msg)
-        pre_processor = getattr(pl_module, "pre_processor", None)
-        transform = pre_processor.transform if isinstance(pre_processor, PreProcessor) else None
-        model = pl_module.model
-        training = model.training
-        model.eval()
-        scores, maps = [], []
-        try:
-            with torch.no_grad():
-                for start in range(0, len(dataset), FOLDER_BATCH):
-                    items = [dataset[index] for index in range(start, min(start + FOLDER_BATCH, len(dataset)))]
-                    images = [item.image if transform is None else transform(item.image) for item in items]
-                    output = model(torch.stack(images).to(pl_module.device))
-                    scores.append(output.pred_score.reshape(len(items), -1)[:, 0].float().cpu())
-                    maps.append(output.anomaly_map.reshape(len(items), -1).float().cpu())
-        finally:
-            model.train(training)
-        return self.calibrate(torch.cat(scores), torch.cat(maps), f"'{self.normal_images}'")
+        batches = (
+            [dataset[index].image for index in range(start, min(start + FOLDER_BATCH, len(dataset)))]
+            for start in range(0, len(dataset), FOLDER_BATCH)
+        )
+        values = NormalValues()
+        for images in batches:
+            values.update(*_raw_outputs(pl_module, images))
+        return self.calibrate(*values.compute(), f"'{self.normal_images}'")
 
-    def _calibrate_on_folder_once(self, pl_module: LightningModule) -> None:
-        if self.normal_images is not None and not self.calibrated:
+    def calibrate_on_validation_split(self, trainer: Trainer, pl_module: LightningModule) -> NormalQuantile | None:
+        """Score the normal images of the datamodule's validation split, then calibrate (``None``: no such split).
+
+        For a test or prediction that did not validate first (e.g. ``anomalib test --ckpt_path``).
+        """
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or getattr(datamodule, "val_data", None) is None:
+            return None
+        values = NormalValues()
+        for batch in datamodule.val_dataloader():
+            values.update(*_raw_outputs(pl_module, list(batch.image)), batch.gt_label)
+        if not values.update_called:
+            return None
+        return self.calibrate(*values.compute(), "the validation split")
+
+    def _calibrate_once(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.calibrated:
+            return
+        if self.normal_images is not None:
             self.calibrate_on_folder(pl_module)
+        else:
+            self.calibrate_on_validation_split(trainer, pl_module)
 
     def _warn_uncalibrated(self, stage: str) -> None:
         if self.calibrated or self._warned_uncalibrated:
             return
         self._warned_uncalibrated = True
         logger.warning(
-            "normal_fpr=%g: the thresholds were not set from normal images in this run (no validation data and no "
-            "normal_images folder), so %s labels come from the thresholds loaded or set before. Give validation "
-            "data or normal_images to calibrate.",
+            "normal_fpr=%g: the thresholds were not set from normal images in this run (no validation split and no "
+            "normal_images folder), so %s labels come from the thresholds loaded or set before. Give a datamodule "
+            "with a validation split, or normal_images, to calibrate.",
             self.normal_fpr,
             stage,
         )
@@ -220,9 +260,8 @@ class NormalFPRPostProcessor(PostProcessor):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Set the thresholds from the normal images seen (or from the folder, once)."""
-        del trainer
         if self.normal_images is not None:
-            self._calibrate_on_folder_once(pl_module)
+            self._calibrate_once(trainer, pl_module)
             return
         if not self._normal_values.update_called:
             return
@@ -233,15 +272,15 @@ class NormalFPRPostProcessor(PostProcessor):
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, *args: Any, **kwargs: Any
     ) -> None:
-        """Calibrate on the folder first if needed, then post-process as anomalib does."""
-        self._calibrate_on_folder_once(pl_module)
+        """Calibrate first if no validation did (folder, else validation split), then post-process as anomalib does."""
+        self._calibrate_once(trainer, pl_module)
         self._warn_uncalibrated("test")
         super().on_test_batch_end(trainer, pl_module, outputs, *args, **kwargs)
 
     def on_predict_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, *args: Any, **kwargs: Any
     ) -> None:
-        """Calibrate on the folder first if needed, then post-process as anomalib does."""
-        self._calibrate_on_folder_once(pl_module)
+        """Calibrate first if no validation did (folder, else validation split), then post-process as anomalib does."""
+        self._calibrate_once(trainer, pl_module)
         self._warn_uncalibrated("predict")
         super().on_predict_batch_end(trainer, pl_module, outputs, *args, **kwargs)

@@ -79,17 +79,27 @@ class NormalQuantile:
         """
         flat = values.detach().flatten().to(torch.float64).cpu()
         count = flat.numel()
-        if count < minimum_count(fpr):
-            smallest = 1.0 / (count + 1)
-            msg = (
-                f"{setting}={fpr:g} needs at least {minimum_count(fpr)} {what} (a threshold from N of them flags a new "
-                f"normal one with probability 1/(N+1) or more); {count} were given. Give more normal images, or a "
-                f"{setting} of at least {math.ceil(smallest * 1e4) / 1e4:g}."
-            )
-            raise ValueError(msg)
+        cls.check_count(count, fpr, what, setting)
         above = math.floor(fpr * (count + 1) + 1e-9) - 1
         value = torch.kthvalue(flat, count - above).values.item()
         return cls(value=float(value), count=count, above=above)
+
+    @staticmethod
+    def check_count(count: int, fpr: float, what: str, setting: str = "normal_fpr") -> None:
+        """Refuse fewer than :func:`minimum_count` values for ``fpr``, naming both numbers and the smallest rate.
+
+        Raises:
+            ValueError: If ``count`` is too small.
+        """
+        if count >= minimum_count(fpr):
+            return
+        smallest = 1.0 / (count + 1)
+        msg = (
+            f"{setting}={fpr:g} needs at least {minimum_count(fpr)} {what} (a threshold from N of them flags a new "
+            f"normal one with probability 1/(N+1) or more); {count} were given. Give more normal images, or a "
+            f"{setting} of at least {math.ceil(smallest * 1e4) / 1e4:g}."
+        )
+        raise ValueError(msg)
 
     @property
     def expected_rate(self) -> float:
