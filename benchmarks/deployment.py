@@ -82,7 +82,8 @@ def synthetic_data(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
 def build_model(method: str, config: str) -> Any:
     """The method with random CLIP weights and prompts, able to score (PromptAD: one reference image)."""
     torch.manual_seed(0)
-    model = METHODS[method](**accepted_settings(METHODS[method], CONFIGS[config]), pretrained=None).eval()
+    settings = accepted_settings(METHODS[method], {**CONFIGS[config], "category": "stripes"})  # PromptAD's object
+    model = METHODS[method](**settings, pretrained=None).eval()
     model.model.prompts_ready.fill_(True)  # random prompts: see the module docstring
     if getattr(model, "k_shot", 0) == 0 and method == "PromptAD":
         size = model.model.image_size
