@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from measure import METHODS, PeakMemory, accepted_settings, emit, machine
 
+from anomalib_faprompt.methods import Learning
+
 CPU = torch.device("cpu")
 #: Per configuration, the settings that differ from the methods' released defaults.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -85,7 +87,7 @@ def build_model(method: str, config: str) -> Any:
     settings = accepted_settings(METHODS[method], {**CONFIGS[config], "category": "stripes"})  # PromptAD's object
     model = METHODS[method](**settings, pretrained=None).eval()
     model.model.prompts_ready.fill_(True)  # random prompts: see the module docstring
-    if getattr(model, "k_shot", 0) == 0 and method == "PromptAD":
+    if Learning.FEW_SHOT_PROMPTS in METHODS[method].learning_types:  # scores against a visual memory
         size = model.model.image_size
         model.model.add_references(torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
     return model
