@@ -12,6 +12,19 @@ from typing import Any
 import pytest
 import torch
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker computes on its share of the cores (subprocesses it starts too).
+
+    Torch's threads spin while they wait: two workers that each take every core run slower than one.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 SHARED = Path(os.environ.get("ANOMALIB_FAPROMPT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 GOLDEN = SHARED / "golden"
 

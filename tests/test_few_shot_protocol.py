@@ -253,27 +253,31 @@ def test_the_shots_draw_with_the_config_seed_plus_the_sampling():
 
 
 @pytest.mark.slow
-def test_winclip_gets_k_shot_and_the_same_reference_images(root, tiny_clip, tmp_path, monkeypatch):
-    """anomalib's WinClip few-shot, its OpenCLIP backbone with random weights (it would download them otherwise)."""
+def test_winclip_gets_k_shot_and_the_same_reference_images(spied_run, root, tiny_clip, small_promptad, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    """anomalib's WinClip few-shot on a small random CLIP of its backbone's layout (ViT-B-16-plus-240: 240 px, patch
+    16), registered under a name of open_clip's table: the released weights would be a download. FAPrompt's k = 2
+    rows are the spied run's, resumed: the files its memory took are those its rows record."""
+    import open_clip.factory
     from anomalib.models import WinClip
     from anomalib.models.image.winclip import torch_model
 
+    layout = json.loads(Path(small_promptad["backbone"]).read_text())
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "winclip-test-small", layout)
+    monkeypatch.setattr(torch_model, "BACKBONE", "winclip-test-small")
     monkeypatch.setattr(torch_model, "PRETRAINED", None)
-    memory, winclip = [], []
-    collect, collect_winclip = PromptMethod.collect_references, WinClip.collect_reference_images
-
-    def spy_collect(self):
-        collect(self)
-        memory.append(list(self.reference_files))
+    winclip = []
+    collect_winclip = WinClip.collect_reference_images
 
     def spy_winclip(self, dataloader):
         images = collect_winclip(self, dataloader)
         winclip.append((self.k_shot, len(images), list(self.trainer.datamodule.train_data.samples.image_path)))
         return images
 
-    monkeypatch.setattr(PromptMethod, "collect_references", spy_collect)
     monkeypatch.setattr(WinClip, "collect_reference_images", spy_winclip)
-    config = few_shot_config(root, tmp_path / "results", tiny_clip, models=("FAPrompt",), k_shot=[2], samplings=1)
+    results = tmp_path / "results"
+    shutil.copytree(spied_run["results"], results, symlinks=True)
+    config = few_shot_config(root, results, tiny_clip, models=("FAPrompt",), k_shot=[2], samplings=1)
     config["models"].append({"class_path": "WinClip"})
 
     table = ZeroShot().run_config(config)
@@ -282,7 +286,8 @@ def test_winclip_gets_k_shot_and_the_same_reference_images(root, tiny_clip, tmp_
     assert table.image_AUROC.between(0, 1).all()
     [(k_shot, collected, files)] = winclip  # references are collected once: WinClip sets up once
     assert (k_shot, collected) == (2, 2)
-    assert sorted(files) == sorted(memory[0])
+    [row] = [json.loads(path.read_text()) for path in results.rglob("FAPrompt/*/rows/*-k2-s0-*.json")]
+    assert sorted(files) == sorted(row["settings"]["references"]["files"])
 
 
 def test_promptad_learns_per_category_and_shot_from_the_same_reference_files(root, small_promptad, tmp_path):
