@@ -99,3 +99,60 @@ def test_int8_acq_without_anomalous_images_is_refused_before_any_work(method_set
     with pytest.raises(ValueError, match=r"INT8_PTQ calibrates on the images of a datamodule's validation split"):
         model.to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ)
     assert traced == []
+
+
+def quantized_products(graph: Any) -> dict[str, bool]:
+    """Per MatMul/Einsum of a quantized OpenVINO model: whether an input comes through a quantizer."""
+
+    def quantizes(node: Any) -> bool:
+        return node.get_type_name() in {"FakeQuantize", "FakeConvert"}
+
+    return {
+        op.get_friendly_name(): any(
+            quantizes(source.get_node()) or any(quantizes(s.get_node()) for s in source.get_node().input_values())
+            for source in op.input_values()
+        )
+        for op in graph.get_ordered_ops()
+        if op.get_type_name() in {"MatMul", "Einsum"}
+    }
+
+
+def test_ops_named_to_keep_in_f32_are_left_unquantized(method_settings, released_prompts, images, tmp_path):
+    import openvino
+
+    from anomalib_faprompt.export import quantize_transformer
+
+    model = scoring_model("AnomalyCLIP", method_settings, released_prompts)
+    graph = openvino.convert_model(model.to_onnx(tmp_path))
+    matmuls = [op.get_friendly_name() for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    kept = matmuls[-3:]  # the last products: the similarity tail
+
+    quantized = quantized_products(quantize_transformer(graph, [images], len(images), keep_f32=kept))
+    assert not any(quantized[name] for name in kept)  # without keep_f32 NNCF quantizes them (checked by hand)
+    assert sum(quantized.values()) > len(matmuls) // 2  # the encoder's products are quantized
+
+
+def test_int8_activations_against_a_visual_memory_are_warned_about(method_settings, released_prompts, tiny_mvtec,
+                                                                    tmp_path, monkeypatch, caplog):  # fmt: skip
+    """PromptAD's memory holds f32 features; INT8_PTQ moved its benchmark scores by 0.2 (weights-only INT8: 0.003)."""
+    from anomalib.models.components.base.export_mixin import ExportMixin
+
+    monkeypatch.setattr(ExportMixin, "to_openvino", lambda *args, **kwargs: tmp_path / "model.xml")  # no work
+    with_memory = scoring_model("PromptAD", method_settings, released_prompts)
+    without = scoring_model("AnomalyCLIP", method_settings, released_prompts)
+    exports = [(with_memory, CompressionType.INT8_PTQ), (with_memory, CompressionType.INT8),
+               (without, CompressionType.INT8_PTQ)]  # fmt: skip
+    for model, compression in exports:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="anomalib_faprompt.export"):
+            model.to_openvino(tmp_path, compression_type=compression, datamodule=folder_data(tiny_mvtec))
+        warned = [record.getMessage() for record in caplog.records if "visual memory" in record.getMessage()]
+        if model is with_memory and compression == CompressionType.INT8_PTQ:
+            assert warned == [
+                "PromptAD: --compression_type INT8_PTQ quantizes the image encoder's activations, but its visual "
+                "memory holds the f32 features of 1 reference image(s), so every distance to it carries the rounding "
+                "error (on a random CLIP, PromptAD's scores moved by up to 0.2). Compare the exported scores with "
+                "torch's on your images, or use --compression_type INT8 (weights only)."
+            ]
+        else:
+            assert warned == [], (model.method_name, compression)

@@ -5,6 +5,7 @@
 - :func:`check_calibration_data` refuses ``INT8_PTQ``/``INT8_ACQ`` without a datamodule, and ``INT8_ACQ`` without
   anomalous images to measure the accuracy drop on (it would compare F1 scores on normal images only), before any
   work.
+- :func:`warn_quantized_memory` says when quantized activations meet a visual memory of f32 features.
 - :func:`quantize_transformer` is NNCF's post-training quantization with the settings a ViT needs (``model_type``
   transformer: attention's softmax and layer norms stay in float), calibrated on the validation images (no labels
   are used).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -119,6 +120,25 @@ def check_calibration_data(compression_type: Any, datamodule: Any, model_name: s
         raise ValueError(msg)
 
 
+def warn_quantized_memory(compression_type: Any, model_name: str, reference_count: int) -> None:
+    """Warn that INT8 activations meet a visual memory of f32 features (``INT8_PTQ``/``INT8_ACQ`` only).
+
+    The memory holds the reference features torch computed; the quantized encoder's features of a new image carry
+    the whole rounding error into their distance to it. On the deployment benchmark's random CLIP this moved
+    PromptAD's scores by up to 0.2 (INT8 weight compression: 0.003), and keeping the comparison itself in f32 did
+    not help (``benchmarks/ptq_ignored_scopes.py``).
+    """
+    name = _name(compression_type)
+    if name in {"INT8_PTQ", "INT8_ACQ"} and reference_count:
+        logger.warning(
+            "%s: --compression_type %s quantizes the image encoder's activations, but its visual memory holds the "
+            "f32 features of %d reference image(s), so every distance to it carries the rounding error (on a random "
+            "CLIP, PromptAD's scores moved by up to 0.2). Compare the exported scores with torch's on your images, "
+            "or use --compression_type INT8 (weights only).",
+            model_name, name, reference_count,
+        )  # fmt: skip
+
+
 def validation_images(datamodule: Any) -> tuple[Iterable[np.ndarray], int]:
     """The raw images of a datamodule's validation split, batch by batch (labels unread), and how many there are."""
     datamodule.setup("fit")
@@ -126,7 +146,7 @@ def validation_images(datamodule: Any) -> tuple[Iterable[np.ndarray], int]:
     return (batch.image.numpy() for batch in dataloader), len(dataloader.dataset)
 
 
-def quantize_transformer(model: Any, batches: Iterable[np.ndarray], count: int) -> Any:
+def quantize_transformer(model: Any, batches: Iterable[np.ndarray], count: int, keep_f32: Sequence[str] = ()) -> Any:
     """NNCF post-training quantization of an OpenVINO model of a ViT, calibrated on ``batches`` of raw images.
 
     The exported graph pre-processes the images itself. NNCF reads them one at a time, at most
@@ -137,14 +157,18 @@ def quantize_transformer(model: Any, batches: Iterable[np.ndarray], count: int) 
         model: The OpenVINO model (f32).
         batches: Raw images (B, 3, H, W), float in [0, 1], e.g. :func:`validation_images`.
         count: How many images ``batches`` holds, for the log.
+        keep_f32: Names of OpenVINO ops to leave unquantized (NNCF's ignored scope); none by default:
+            ``benchmarks/ptq_ignored_scopes.py`` measured the similarity products and FAPrompt's top-M tail in f32,
+            which left FAPrompt's and PromptAD's fidelity as it was and AnomalyCLIP's about the same.
     """
     import nncf
 
     if count < CALIBRATION_IMAGES:
         logger.info("INT8_PTQ: calibrating on %d images (NNCF reads up to %d).", count, CALIBRATION_IMAGES)
     images = [batch[index : index + 1] for batch in batches for index in range(len(batch))][:CALIBRATION_IMAGES]
+    ignored = {"ignored_scope": nncf.IgnoredScope(names=list(keep_f32), validate=False)} if keep_f32 else {}
     return nncf.quantize(model, nncf.Dataset(images), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=len(images))  # fmt: skip
+                         subset_size=len(images), **ignored)  # fmt: skip
 
 
 @contextmanager

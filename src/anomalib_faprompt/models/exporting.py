@@ -20,6 +20,7 @@ from anomalib_faprompt.export import (
     inference_only,
     quantize_transformer,
     validation_images,
+    warn_quantized_memory,
 )
 from anomalib_faprompt.logs import quiet_export
 
@@ -131,6 +132,7 @@ class PromptExport:
         self.check_prompts_ready("export")  # type: ignore[attr-defined]
         check_compression(compression_type, self.method_name)
         check_calibration_data(compression_type, datamodule, self.method_name)
+        warn_quantized_memory(compression_type, self.method_name, getattr(self.model, "reference_count", 0))
         return super().to_openvino(  # type: ignore[misc]
             export_root,
             model_file_name,
